@@ -1,0 +1,544 @@
+//! The task that owns a channel's socket.
+//!
+//! One task per channel, so that the peer's protocol messages are answered whether or not user
+//! code is reading. It keeps four queues:
+//!
+//! - `write_queue`: frames to write now, in order; the front one may be partly written;
+//! - `held`: frames waiting behind unacknowledged handles (Node's ordering, protocol doc §4.3);
+//! - `in_flight`: handles written and awaiting `NODE_HANDLE_ACK`/`NACK`, oldest first (the peer
+//!   answers in the order it reads them, so answers match this queue front to back);
+//! - the receiver's queue of decoded messages.
+//!
+//! # Who owns a sent descriptor
+//! The [`PendingHandle`] owns it from `send_handle` on: in `held` or `write_queue` until written,
+//! then in `in_flight` until the peer answers. An ACK closes it (the peer has its own copy); a
+//! NACK puts it back in `write_queue`, until the retransmission limit closes it; a closing channel
+//! hands it back to the caller in [`SendError::Disconnected`].
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tokio::io::Interest;
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, oneshot};
+
+use super::envelope::{self, HandleEnvelope};
+use super::frame::{Decoded, Decoder, Frame};
+use super::{
+    queued_cost, ChannelConfig, Command, InternalMessage, Message, Outgoing, RecvError, SendError,
+    Shared,
+};
+use crate::handle::{DgramType, HandleType, ReceivedHandle};
+use crate::sys;
+
+/// Size of the read buffer: one `recvmsg` takes at most this much.
+const READ_CHUNK: usize = 256 * 1024;
+/// Reads per wake-up before yielding to the rest of the loop (fairness with writes).
+const READS_PER_WAKE: usize = 16;
+/// Most frames gathered into one `sendmsg`.
+const MAX_IOVECS: usize = 128;
+/// Most bytes gathered into one `sendmsg`.
+const MAX_GATHER_BYTES: usize = 1024 * 1024;
+
+/// A handle that has been queued and not yet acknowledged.
+#[derive(Debug)]
+pub(crate) struct PendingHandle {
+    fd: OwnedFd,
+    attempts: u8,
+    done: Option<oneshot::Sender<Result<(), SendError>>>,
+}
+
+impl PendingHandle {
+    pub(crate) fn new(fd: OwnedFd, done: oneshot::Sender<Result<(), SendError>>) -> PendingHandle {
+        PendingHandle { fd, attempts: 0, done: Some(done) }
+    }
+
+    /// The channel closed before this handle was ever written: the error gives the fd back.
+    pub(crate) fn closed_unwritten(self) -> SendError {
+        SendError::Disconnected { handle: Some(self.fd), written: false }
+    }
+
+    fn finish(mut self, result: Result<(), SendError>) {
+        if let Some(done) = self.done.take() {
+            let _ = done.send(result);
+        }
+    }
+
+    /// The channel closed: tell the caller and give the descriptor back.
+    fn fail_closed(self, written: bool) {
+        let PendingHandle { fd, done, .. } = self;
+        if let Some(done) = done {
+            let _ = done.send(Err(SendError::Disconnected { handle: Some(fd), written }));
+        }
+    }
+}
+
+/// A written handle frame kept for a possible retransmission.
+#[derive(Debug)]
+struct InFlight {
+    bytes: Vec<u8>,
+    handle: PendingHandle,
+}
+
+pub(crate) struct Driver {
+    stream: UnixStream,
+    config: ChannelConfig,
+    shared: Arc<Shared>,
+    commands: mpsc::UnboundedReceiver<Command>,
+    commands_open: bool,
+    messages: mpsc::UnboundedSender<Result<Message, RecvError>>,
+    decoder: Decoder,
+    read_buf: Vec<u8>,
+    decoded: Vec<Decoded>,
+    write_queue: VecDeque<Outgoing>,
+    /// Bytes of `write_queue`'s front frame already written.
+    front_written: usize,
+    held: VecDeque<Outgoing>,
+    in_flight: VecDeque<InFlight>,
+    /// Handles in `write_queue` or `in_flight`: the window they count against.
+    handles_outstanding: usize,
+    disconnecting: bool,
+    /// Set when the socket is done (EOF, error, or disconnect completed).
+    finished: bool,
+}
+
+impl Driver {
+    pub(crate) fn new(
+        stream: UnixStream,
+        config: ChannelConfig,
+        shared: Arc<Shared>,
+        commands: mpsc::UnboundedReceiver<Command>,
+        messages: mpsc::UnboundedSender<Result<Message, RecvError>>,
+    ) -> Driver {
+        Driver {
+            stream,
+            decoder: Decoder::new(config.max_frame_len),
+            config,
+            shared,
+            commands,
+            commands_open: true,
+            messages,
+            read_buf: vec![0; READ_CHUNK],
+            decoded: Vec::new(),
+            write_queue: VecDeque::new(),
+            front_written: 0,
+            held: VecDeque::new(),
+            in_flight: VecDeque::new(),
+            handles_outstanding: 0,
+            disconnecting: false,
+            finished: false,
+        }
+    }
+
+    pub(crate) async fn run(mut self) {
+        loop {
+            self.absorb_commands();
+            if let Err(e) = self.write_ready() {
+                self.report(RecvError::Io(e));
+                break;
+            }
+            if self.finished || self.done_disconnecting() || self.abandoned() {
+                break;
+            }
+            let want_write = !self.write_queue.is_empty();
+            let recv_full = self.shared.recv_queued.load(Ordering::SeqCst) >= self.config.recv_buffer;
+            tokio::select! {
+                biased;
+                command = self.commands.recv(), if self.commands_open => match command {
+                    Some(command) => self.on_command(command),
+                    None => self.commands_open = false,
+                },
+                ready = self.stream.writable(), if want_write => {
+                    if let Err(e) = ready {
+                        self.report(RecvError::Io(e));
+                        break;
+                    }
+                }
+                ready = self.stream.readable(), if !recv_full => {
+                    if let Err(e) = ready {
+                        self.report(RecvError::Io(e));
+                        break;
+                    }
+                    self.read_ready();
+                }
+                _ = self.shared.recv_space.notified(), if recv_full => {}
+                _ = self.messages.closed(), if !self.messages.is_closed() => {}
+            }
+        }
+        self.close();
+    }
+
+    /// All senders and the receiver are gone and nothing is left to do: close like a disconnect.
+    fn abandoned(&self) -> bool {
+        !self.commands_open
+            && self.messages.is_closed()
+            && self.write_queue.is_empty()
+            && self.held.is_empty()
+            && self.in_flight.is_empty()
+    }
+
+    fn done_disconnecting(&self) -> bool {
+        self.disconnecting
+            && self.write_queue.is_empty()
+            && self.held.is_empty()
+            && self.in_flight.is_empty()
+    }
+
+    fn absorb_commands(&mut self) {
+        while self.commands_open {
+            match self.commands.try_recv() {
+                Ok(command) => self.on_command(command),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => self.commands_open = false,
+            }
+        }
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Write(outgoing) => self.enqueue(outgoing),
+            Command::Disconnect => self.disconnecting = true,
+        }
+    }
+
+    /// Puts a user frame in `write_queue`, or in `held` when it must wait behind handles.
+    fn enqueue(&mut self, outgoing: Outgoing) {
+        if self.may_write_now(&outgoing) {
+            self.push_write(outgoing);
+        } else {
+            self.held.push_back(outgoing);
+        }
+    }
+
+    fn may_write_now(&self, outgoing: &Outgoing) -> bool {
+        if !self.held.is_empty() {
+            return false;
+        }
+        let window = self.config.handle_window;
+        if outgoing.handle.is_some() {
+            self.handles_outstanding < window
+        } else {
+            // Node's rule (window 1): everything waits behind an unacknowledged handle.
+            window > 1 || self.handles_outstanding == 0
+        }
+    }
+
+    fn push_write(&mut self, outgoing: Outgoing) {
+        if outgoing.handle.is_some() {
+            self.handles_outstanding += 1;
+        }
+        self.write_queue.push_back(outgoing);
+    }
+
+    /// A handle was resolved: let waiting frames through.
+    fn release_held(&mut self) {
+        while let Some(next) = self.held.front() {
+            let window = self.config.handle_window;
+            let fits = if next.handle.is_some() {
+                self.handles_outstanding < window
+            } else {
+                window > 1 || self.handles_outstanding == 0
+            };
+            if !fits {
+                break;
+            }
+            let next = self.held.pop_front().expect("front exists");
+            self.push_write(next);
+        }
+    }
+
+    /// A protocol reply (ACK/NACK): never held behind our own handles (protocol doc §4.2).
+    fn push_reply(&mut self, bytes: &'static [u8]) {
+        self.write_queue.push_back(Outgoing {
+            bytes: bytes.to_vec(),
+            handle: None,
+            _permit: None,
+            written: None,
+        });
+    }
+
+    /// Writes as much of `write_queue` as the socket takes without blocking.
+    fn write_ready(&mut self) -> io::Result<()> {
+        while let Some(front) = self.write_queue.front() {
+            if front.bytes.is_empty() {
+                let done = self.write_queue.pop_front().expect("front exists");
+                self.on_written(done);
+                continue;
+            }
+            let result = if front.handle.is_some() && self.front_written == 0 {
+                // A handle frame starts its own sendmsg, carrying the fd with its first byte, and
+                // nothing after it rides on that sendmsg (the receiver binds fds to the last
+                // frame starting in a read).
+                let handle = front.handle.as_ref().expect("checked");
+                let bytes = &front.bytes;
+                let fd = handle.fd.as_fd();
+                self.stream.try_io(Interest::WRITABLE, || {
+                    sys::send_with_fds(self.stream.as_fd(), &[IoSlice::new(bytes)], &[fd])
+                })
+            } else {
+                let mut iov = [IoSlice::new(&[]); MAX_IOVECS];
+                let mut count = 0;
+                let mut total = 0;
+                for (i, item) in self.write_queue.iter().enumerate() {
+                    if i > 0 && item.handle.is_some() {
+                        break;
+                    }
+                    let bytes = if i == 0 { &item.bytes[self.front_written..] } else { &item.bytes[..] };
+                    iov[count] = IoSlice::new(bytes);
+                    count += 1;
+                    total += bytes.len();
+                    if count == MAX_IOVECS || total >= MAX_GATHER_BYTES {
+                        break;
+                    }
+                }
+                let iov = &iov[..count];
+                self.stream.try_io(Interest::WRITABLE, || {
+                    sys::send_with_fds(self.stream.as_fd(), iov, &[])
+                })
+            };
+            match result {
+                Ok(n) => self.advance(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// `n` bytes from the front of `write_queue` are written.
+    fn advance(&mut self, mut n: usize) {
+        while n > 0 {
+            let front = self.write_queue.front().expect("bytes were written from it");
+            let left = front.bytes.len() - self.front_written;
+            if n < left {
+                self.front_written += n;
+                return;
+            }
+            n -= left;
+            self.front_written = 0;
+            let done = self.write_queue.pop_front().expect("front exists");
+            self.on_written(done);
+        }
+        // Zero-length markers (flush) right behind are complete too.
+        while self.write_queue.front().is_some_and(|o| o.bytes.is_empty()) {
+            let done = self.write_queue.pop_front().expect("front exists");
+            self.on_written(done);
+        }
+    }
+
+    fn on_written(&mut self, outgoing: Outgoing) {
+        let Outgoing { bytes, handle, _permit, written } = outgoing;
+        if let Some(written) = written {
+            let _ = written.send(Ok(()));
+        }
+        if let Some(handle) = handle {
+            self.in_flight.push_back(InFlight { bytes, handle });
+        }
+    }
+
+    fn read_ready(&mut self) {
+        for _ in 0..READS_PER_WAKE {
+            let mut fds = Vec::new();
+            let buf = &mut self.read_buf;
+            let stream = &self.stream;
+            let result = stream.try_io(Interest::READABLE, || {
+                sys::recv_with_fds(stream.as_fd(), buf, &mut fds)
+            });
+            match result {
+                Ok(received) => {
+                    if received.control_truncated {
+                        self.report(RecvError::ControlTruncated);
+                    }
+                    if received.len == 0 {
+                        drop(fds);
+                        self.on_eof();
+                        return;
+                    }
+                    let mut decoded = std::mem::take(&mut self.decoded);
+                    self.decoder.decode(&self.read_buf[..received.len], fds, &mut decoded);
+                    for item in decoded.drain(..) {
+                        self.on_decoded(item);
+                    }
+                    self.decoded = decoded;
+                    if received.len < self.read_buf.len() {
+                        // Probably drained; let the loop write replies before reading on.
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    self.report(RecvError::Io(e));
+                    self.finished = true;
+                    return;
+                }
+            }
+        }
+    }
+
+    fn on_eof(&mut self) {
+        let mut decoded = Vec::new();
+        self.decoder.finish(&mut decoded);
+        for item in decoded {
+            self.on_decoded(item);
+        }
+        self.finished = true;
+    }
+
+    fn on_decoded(&mut self, item: Decoded) {
+        match item {
+            Decoded::Frame(frame) => self.on_frame(frame),
+            Decoded::Error(e) => self.report(RecvError::Frame(e)),
+        }
+    }
+
+    fn on_frame(&mut self, frame: Frame) {
+        let Some(cmd) = frame.internal_cmd.as_deref() else {
+            self.deliver(Message { json: frame.text, handle: None });
+            return;
+        };
+        if self.shared.internal.receiver_count() > 0 {
+            if let Ok(value) = serde_json::from_str(&frame.text) {
+                let _ = self.shared.internal.send(InternalMessage { value, had_fd: frame.fd.is_some() });
+            }
+        }
+        match cmd {
+            "NODE_HANDLE" => self.on_handle_frame(frame),
+            "NODE_HANDLE_ACK" => self.on_ack(),
+            "NODE_HANDLE_NACK" => self.on_nack(),
+            // Other internal commands are not for user code; those handoff does not speak are
+            // dropped, as a Node receiver drops internal messages it has no listener for.
+            _ => {}
+        }
+    }
+
+    fn on_handle_frame(&mut self, frame: Frame) {
+        let envelope = envelope::parse_handle(&frame.text);
+        let Some(fd) = frame.fd else {
+            self.push_reply(envelope::NACK);
+            let handle_type = envelope.map(|e| e.handle_type).unwrap_or_default();
+            self.report(RecvError::HandleWithoutFd { handle_type });
+            return;
+        };
+        // Exactly one ACK per handle message, before converting it — even for Node's
+        // double-wrapped retransmission, and even if the handle is then refused.
+        self.push_reply(envelope::ACK);
+        let envelope = match envelope {
+            Ok(envelope) => envelope,
+            Err(e) => {
+                drop(fd);
+                self.report(RecvError::HandleRejected {
+                    message: String::new(),
+                    handle_type: String::new(),
+                    reason: format!("the NODE_HANDLE envelope is not an object of the expected shape: {e}"),
+                });
+                return;
+            }
+        };
+        match check_handle(&envelope, fd) {
+            Ok(handle) => self.deliver(Message { json: envelope.msg, handle: Some(handle) }),
+            Err(reason) => self.report(RecvError::HandleRejected {
+                message: envelope.msg,
+                handle_type: envelope.handle_type,
+                reason,
+            }),
+        }
+    }
+
+    fn on_ack(&mut self) {
+        let Some(acked) = self.in_flight.pop_front() else {
+            self.report(RecvError::UnexpectedAck { cmd: "NODE_HANDLE_ACK" });
+            return;
+        };
+        self.handles_outstanding -= 1;
+        acked.handle.finish(Ok(()));
+        self.release_held();
+    }
+
+    fn on_nack(&mut self) {
+        let Some(InFlight { bytes, mut handle }) = self.in_flight.pop_front() else {
+            self.report(RecvError::UnexpectedAck { cmd: "NODE_HANDLE_NACK" });
+            return;
+        };
+        handle.attempts += 1;
+        if handle.attempts > self.config.max_retransmits {
+            self.handles_outstanding -= 1;
+            let attempts = handle.attempts;
+            handle.finish(Err(SendError::NotDelivered { attempts }));
+            self.release_held();
+            return;
+        }
+        // Resent unchanged (Node v20 wraps it again, which makes a Node receiver ACK twice).
+        self.write_queue.push_back(Outgoing { bytes, handle: Some(handle), _permit: None, written: None });
+    }
+
+    fn deliver(&mut self, message: Message) {
+        if self.messages.is_closed() {
+            return; // nobody will read it; its handle (if any) is closed here
+        }
+        self.shared.recv_queued.fetch_add(queued_cost(&message), Ordering::SeqCst);
+        let _ = self.messages.send(Ok(message));
+    }
+
+    fn report(&mut self, error: RecvError) {
+        tracing::debug!(%error, "handoff channel");
+        let _ = self.messages.send(Err(error));
+    }
+
+    /// Tears the channel down: closes the socket, fails what is pending, ends the streams.
+    fn close(mut self) {
+        self.shared.connected.store(false, Ordering::SeqCst);
+        self.shared.send_budget.close();
+        self.commands.close();
+        let front_partly_written = self.front_written > 0;
+        let mut unwritten: Vec<(Outgoing, bool)> = Vec::new();
+        for (i, outgoing) in self.write_queue.drain(..).enumerate() {
+            unwritten.push((outgoing, i == 0 && front_partly_written));
+        }
+        unwritten.extend(self.held.drain(..).map(|o| (o, false)));
+        while let Ok(command) = self.commands.try_recv() {
+            if let Command::Write(outgoing) = command {
+                unwritten.push((outgoing, false));
+            }
+        }
+        for (outgoing, partly_written) in unwritten {
+            if let Some(handle) = outgoing.handle {
+                handle.fail_closed(partly_written);
+            }
+            if let Some(written) = outgoing.written {
+                let _ = written.send(Err(SendError::Closed));
+            }
+        }
+        for in_flight in self.in_flight.drain(..) {
+            in_flight.handle.fail_closed(true);
+        }
+        drop(self.stream);
+        let _ = self.shared.closed.send(true);
+        self.shared.recv_space.notify_one();
+    }
+}
+
+/// Checks a received handle against its envelope: a known type, a descriptor of the kind that
+/// type promises, `dgramType` filled for UDP.
+fn check_handle(envelope: &HandleEnvelope, fd: OwnedFd) -> Result<ReceivedHandle, String> {
+    let Some(handle_type) = HandleType::from_wire(&envelope.handle_type) else {
+        return Err(format!("{:?} is not a handle type Node defines", envelope.handle_type));
+    };
+    let kind = sys::classify(fd.as_fd()).map_err(|e| format!("cannot inspect the descriptor: {e}"))?;
+    if !handle_type.accepts(kind) {
+        return Err(format!("the descriptor is {kind:?}, which a {handle_type} cannot be"));
+    }
+    let dgram_type = match handle_type {
+        HandleType::DgramSocket | HandleType::DgramNative => envelope
+            .dgram_type
+            .as_deref()
+            .and_then(DgramType::from_wire)
+            .or_else(|| DgramType::of(kind)),
+        _ => None,
+    };
+    Ok(ReceivedHandle { handle_type, kind, fd, key: envelope.key.clone(), dgram_type })
+}

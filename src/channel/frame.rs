@@ -1,0 +1,637 @@
+//! Node's `json` framing, with no I/O: one JSON value per `\n`-terminated line, and the file
+//! descriptors that arrive beside the bytes.
+//!
+//! [`Decoder`] is incremental: feed it each read's bytes and the descriptors that came with that
+//! read, and it yields complete [`Frame`]s, binding a descriptor to the `NODE_HANDLE` frame it
+//! belongs to and reporting (then closing) every descriptor no frame claims.
+//!
+//! # Which frame a descriptor belongs to
+//! A sender (libuv, or handoff) attaches a handle's descriptor to the `sendmsg` that carries the
+//! first byte of its `NODE_HANDLE` line, and Linux never returns stream data past a segment that
+//! carried descriptors in the same `recvmsg`. So the descriptors of a read belong to the **last
+//! frame whose first byte is in that read**. If that frame is a `NODE_HANDLE`, it gets the first
+//! descriptor; every other descriptor is surplus. Descriptors of a read in which no frame starts,
+//! or whose frame is not a `NODE_HANDLE`, belong to nothing. Unclaimed descriptors are dropped
+//! (closed) and reported as [`FrameError::StrayFds`] — never handed on to a later frame, which is
+//! how Node misattributes them (protocol doc §4.2).
+//!
+//! # Text
+//! Lines are decoded as UTF-8; invalid bytes become U+FFFD, as Node's stream decoder does. JSON
+//! that `JSON.stringify` can emit but `serde_json` refuses — lone UTF-16 surrogate escapes such as
+//! `"\ud800"` — is accepted by replacing each lone surrogate with U+FFFD: a lossy, documented
+//! mapping, because a Rust `String` cannot hold a lone surrogate. `\r\n` endings and any JSON
+//! value at top level are accepted. An empty line is a malformed frame.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::os::fd::OwnedFd;
+
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
+
+/// Default largest frame the decoder accepts: 64 MiB.
+pub const DEFAULT_MAX_FRAME_LEN: usize = 64 * 1024 * 1024;
+
+/// The `cmd` of a handle-carrying message.
+pub(crate) const NODE_HANDLE: &str = "NODE_HANDLE";
+
+/// One complete message line, validated as JSON.
+#[derive(Debug)]
+pub struct Frame {
+    /// The JSON text, without the line terminator (and with invalid UTF-8 and lone surrogates
+    /// replaced by U+FFFD, see the module docs).
+    pub text: String,
+    /// `Some(cmd)` when the message is internal: an object whose `cmd` is a string longer than
+    /// five characters starting with `NODE_` (Node's rule, protocol doc §3).
+    pub internal_cmd: Option<String>,
+    /// The descriptor that arrived with this frame's first byte, if this is a `NODE_HANDLE`.
+    pub fd: Option<OwnedFd>,
+}
+
+impl Frame {
+    /// Whether this frame is a `NODE_HANDLE` envelope.
+    pub fn is_handle(&self) -> bool {
+        self.internal_cmd.as_deref() == Some(NODE_HANDLE)
+    }
+}
+
+/// Why descriptors were not given to any frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StrayReason {
+    /// No frame started in the read that carried them.
+    NoFrame,
+    /// The frame they came with is not a `NODE_HANDLE` message.
+    NotAHandle,
+    /// The `NODE_HANDLE` frame already took one descriptor; these came in addition.
+    Surplus,
+    /// The frame they came with was malformed or too large.
+    BadFrame,
+    /// The channel ended before their frame was complete.
+    Truncated,
+}
+
+impl fmt::Display for StrayReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            StrayReason::NoFrame => "no message started in the read that carried them",
+            StrayReason::NotAHandle => "they came with a message that is not NODE_HANDLE",
+            StrayReason::Surplus => "a NODE_HANDLE message carries exactly one descriptor",
+            StrayReason::BadFrame => "the message they came with could not be decoded",
+            StrayReason::Truncated => "the channel closed before their message was complete",
+        })
+    }
+}
+
+/// A problem in the byte stream. The decoder goes on with the next line after each one.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum FrameError {
+    /// A line that is not valid JSON.
+    #[error("malformed message from peer ({len} bytes, starting {excerpt:?}): {error}")]
+    Malformed {
+        /// What the JSON parser said.
+        error: String,
+        /// The first characters of the line.
+        excerpt: String,
+        /// The length of the line in bytes.
+        len: usize,
+    },
+    /// A line longer than the configured maximum; its bytes were discarded up to its end.
+    #[error(
+        "message from peer is longer than the {limit}-byte limit and was discarded; \
+         raise ChannelConfig::max_frame_len if such messages are expected"
+    )]
+    TooLarge {
+        /// The limit in force.
+        limit: usize,
+    },
+    /// Descriptors that no frame claimed; they have been closed.
+    #[error("closed {count} file descriptor(s) received from peer: {reason}")]
+    StrayFds {
+        /// How many descriptors were closed.
+        count: usize,
+        /// Why they belonged to no frame.
+        reason: StrayReason,
+    },
+    /// The channel ended in the middle of a line.
+    #[error("peer closed the channel in the middle of a message ({len} bytes received)")]
+    Truncated {
+        /// Bytes of the incomplete line.
+        len: usize,
+    },
+}
+
+/// Something the decoder produced.
+#[derive(Debug)]
+pub enum Decoded {
+    /// A complete message.
+    Frame(Frame),
+    /// A problem; decoding continues after it.
+    Error(FrameError),
+}
+
+/// Incremental decoder for Node's `json` serialization. See the module docs.
+#[derive(Debug)]
+pub struct Decoder {
+    max_frame_len: usize,
+    /// Bytes of the frame in progress (it started in an earlier read).
+    partial: Vec<u8>,
+    /// Descriptors bound to the frame in progress.
+    partial_fds: Vec<OwnedFd>,
+    /// Discarding an over-long frame up to its terminating newline.
+    skipping: bool,
+}
+
+impl Default for Decoder {
+    fn default() -> Self {
+        Decoder::new(DEFAULT_MAX_FRAME_LEN)
+    }
+}
+
+impl Decoder {
+    /// A decoder that refuses lines longer than `max_frame_len` bytes (terminator excluded).
+    pub fn new(max_frame_len: usize) -> Decoder {
+        Decoder { max_frame_len, partial: Vec::new(), partial_fds: Vec::new(), skipping: false }
+    }
+
+    /// Bytes of an incomplete frame held from earlier reads.
+    pub fn buffered_len(&self) -> usize {
+        self.partial.len()
+    }
+
+    /// Feeds one read: `chunk` and the descriptors that arrived with it. Appends what it decoded
+    /// to `out`, in stream order.
+    pub fn decode(&mut self, chunk: &[u8], fds: Vec<OwnedFd>, out: &mut Vec<Decoded>) {
+        if chunk.is_empty() {
+            if !fds.is_empty() {
+                stray(out, fds, StrayReason::NoFrame);
+            }
+            return;
+        }
+        // Where the frame that owns this read's descriptors starts (see module docs).
+        let mut fd_owner_start = None;
+        let mut fds = Some(fds).filter(|f| !f.is_empty());
+        if fds.is_some() {
+            let before_last = &chunk[..chunk.len() - 1];
+            fd_owner_start = match memchr::memrchr(b'\n', before_last) {
+                Some(i) => Some(i + 1),
+                None if self.partial.is_empty() && !self.skipping => Some(0),
+                None => None,
+            };
+            if fd_owner_start.is_none() {
+                stray(out, fds.take().unwrap_or_default(), StrayReason::NoFrame);
+            }
+        }
+
+        let mut start = 0;
+        for nl in memchr::memchr_iter(b'\n', chunk) {
+            let line = &chunk[start..nl];
+            if fd_owner_start == Some(start) {
+                self.partial_fds.extend(fds.take().unwrap_or_default());
+            }
+            self.finish_line(line, out);
+            start = nl + 1;
+        }
+        if start < chunk.len() {
+            if fd_owner_start == Some(start) {
+                self.partial_fds.extend(fds.take().unwrap_or_default());
+            }
+            self.hold(&chunk[start..], out);
+        }
+        debug_assert!(fds.is_none(), "every descriptor is bound or reported");
+    }
+
+    /// The peer closed the channel: reports an incomplete frame, if any.
+    pub fn finish(&mut self, out: &mut Vec<Decoded>) {
+        let held_fds = std::mem::take(&mut self.partial_fds);
+        if !held_fds.is_empty() {
+            stray(out, held_fds, StrayReason::Truncated);
+        }
+        if !self.partial.is_empty() {
+            out.push(Decoded::Error(FrameError::Truncated { len: self.partial.len() }));
+            self.partial = Vec::new();
+        }
+        self.skipping = false;
+    }
+
+    /// Keeps the start of an incomplete frame, unless it is already too long.
+    fn hold(&mut self, bytes: &[u8], out: &mut Vec<Decoded>) {
+        if self.skipping {
+            return;
+        }
+        if self.partial.len() + bytes.len() > self.max_frame_len {
+            self.start_skipping(out);
+            return;
+        }
+        self.partial.extend_from_slice(bytes);
+    }
+
+    fn start_skipping(&mut self, out: &mut Vec<Decoded>) {
+        self.skipping = true;
+        self.partial = Vec::new();
+        out.push(Decoded::Error(FrameError::TooLarge { limit: self.max_frame_len }));
+        let fds = std::mem::take(&mut self.partial_fds);
+        if !fds.is_empty() {
+            stray(out, fds, StrayReason::BadFrame);
+        }
+    }
+
+    /// `tail` is the end of a line (its `\n` excluded); completes the frame.
+    fn finish_line(&mut self, tail: &[u8], out: &mut Vec<Decoded>) {
+        if self.skipping {
+            self.skipping = false;
+            return;
+        }
+        let fds = std::mem::take(&mut self.partial_fds);
+        if self.partial.is_empty() {
+            if tail.len() > self.max_frame_len {
+                out.push(Decoded::Error(FrameError::TooLarge { limit: self.max_frame_len }));
+                if !fds.is_empty() {
+                    stray(out, fds, StrayReason::BadFrame);
+                }
+                return;
+            }
+            emit_line(tail, fds, out);
+        } else {
+            if self.partial.len() + tail.len() > self.max_frame_len {
+                self.partial = Vec::new();
+                out.push(Decoded::Error(FrameError::TooLarge { limit: self.max_frame_len }));
+                if !fds.is_empty() {
+                    stray(out, fds, StrayReason::BadFrame);
+                }
+                return;
+            }
+            let mut line = std::mem::take(&mut self.partial);
+            line.extend_from_slice(tail);
+            emit_line(&line, fds, out);
+        }
+    }
+}
+
+fn stray(out: &mut Vec<Decoded>, fds: Vec<OwnedFd>, reason: StrayReason) {
+    let count = fds.len();
+    drop(fds);
+    out.push(Decoded::Error(FrameError::StrayFds { count, reason }));
+}
+
+/// Parses one complete line and binds its descriptors.
+fn emit_line(line: &[u8], mut fds: Vec<OwnedFd>, out: &mut Vec<Decoded>) {
+    match parse_line(line) {
+        Ok((text, internal_cmd)) => {
+            let mut frame = Frame { text, internal_cmd, fd: None };
+            if !fds.is_empty() {
+                if frame.is_handle() {
+                    frame.fd = Some(fds.remove(0));
+                    out.push(Decoded::Frame(frame));
+                    if !fds.is_empty() {
+                        stray(out, fds, StrayReason::Surplus);
+                    }
+                    return;
+                }
+                out.push(Decoded::Frame(frame));
+                stray(out, fds, StrayReason::NotAHandle);
+                return;
+            }
+            out.push(Decoded::Frame(frame));
+        }
+        Err(error) => {
+            out.push(Decoded::Error(error));
+            if !fds.is_empty() {
+                stray(out, fds, StrayReason::BadFrame);
+            }
+        }
+    }
+}
+
+/// Validates one line as JSON and reports whether it is an internal message.
+///
+/// Returns the (possibly repaired) text and the internal `cmd`, if any.
+pub(crate) fn parse_line(line: &[u8]) -> Result<(String, Option<String>), FrameError> {
+    let text = match std::str::from_utf8(line) {
+        Ok(s) => Cow::Borrowed(s),
+        Err(_) => String::from_utf8_lossy(line),
+    };
+    let text = text.trim_end_matches('\r');
+    match probe(text) {
+        Ok(cmd) => Ok((text.to_owned(), cmd)),
+        Err(first) => {
+            if let Some(repaired) = replace_lone_surrogates(text) {
+                if let Ok(cmd) = probe(&repaired) {
+                    return Ok((repaired, cmd));
+                }
+            }
+            Err(FrameError::Malformed {
+                error: first.to_string(),
+                excerpt: text.chars().take(64).collect(),
+                len: line.len(),
+            })
+        }
+    }
+}
+
+/// Parses `text` as one JSON value without building it, returning the internal `cmd` if the
+/// value is an internal message.
+pub(crate) fn probe(text: &str) -> Result<Option<String>, serde_json::Error> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    let probe = de.deserialize_any(ProbeVisitor)?;
+    de.end()?;
+    Ok(probe.filter(|cmd| is_internal_cmd(cmd)))
+}
+
+/// Node's rule for an internal command: longer than five characters and starting with `NODE_`.
+pub(crate) fn is_internal_cmd(cmd: &str) -> bool {
+    cmd.len() > 5 && cmd.starts_with("NODE_")
+}
+
+/// Walks any JSON value; for an object, remembers its (last) string `cmd`.
+struct ProbeVisitor;
+
+impl<'de> Visitor<'de> for ProbeVisitor {
+    type Value = Option<String>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<Validated>()?.is_some() {}
+        Ok(None)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut cmd = None;
+        while let Some(key) = map.next_key::<KeyIsCmd>()? {
+            if key.0 {
+                cmd = map.next_value::<MaybeString>()?.0;
+            } else {
+                map.next_value::<Validated>()?;
+            }
+        }
+        Ok(cmd)
+    }
+}
+
+/// Any JSON value, walked the way a full parse walks it (strings unescaped, numbers parsed), but
+/// not kept. `IgnoredAny` would skip string escapes unchecked and let through what a full parse
+/// refuses.
+struct Validated;
+
+impl<'de> de::Deserialize<'de> for Validated {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(ProbeVisitor).map(|_| Validated)
+    }
+}
+
+/// A map key, reduced to "is it `cmd`?" without allocating.
+struct KeyIsCmd(bool);
+
+impl<'de> de::Deserialize<'de> for KeyIsCmd {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = KeyIsCmd;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a key")
+            }
+            fn visit_str<E>(self, v: &str) -> Result<KeyIsCmd, E> {
+                Ok(KeyIsCmd(v == "cmd"))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// A value kept only if it is a string.
+struct MaybeString(Option<String>);
+
+impl<'de> de::Deserialize<'de> for MaybeString {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = MaybeString;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_str<E>(self, v: &str) -> Result<MaybeString, E> {
+                Ok(MaybeString(Some(v.to_owned())))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<MaybeString, E> {
+                Ok(MaybeString(None))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<MaybeString, E> {
+                Ok(MaybeString(None))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<MaybeString, E> {
+                Ok(MaybeString(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<MaybeString, E> {
+                Ok(MaybeString(None))
+            }
+            fn visit_unit<E>(self) -> Result<MaybeString, E> {
+                Ok(MaybeString(None))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<MaybeString, A::Error> {
+                ProbeVisitor.visit_seq(seq).map(|_| MaybeString(None))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<MaybeString, A::Error> {
+                ProbeVisitor.visit_map(map).map(|_| MaybeString(None))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Rewrites every lone UTF-16 surrogate escape (`\ud800` without its pair, or a stray low half)
+/// inside JSON strings to `\ufffd`. Returns `None` when there is none to rewrite.
+pub(crate) fn replace_lone_surrogates(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = String::with_capacity(text.len());
+    let mut changed = false;
+    let mut copied = 0;
+    let mut i = 0;
+    let mut in_string = false;
+    let hex_at = |i: usize| -> Option<u16> {
+        let h = bytes.get(i..i + 4)?;
+        u16::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok()
+    };
+    while i < bytes.len() {
+        match bytes[i] {
+            b'"' => {
+                in_string = !in_string;
+                i += 1;
+            }
+            b'\\' if in_string => {
+                if bytes.get(i + 1) == Some(&b'u') {
+                    if let Some(unit) = hex_at(i + 2) {
+                        let is_high = (0xD800..0xDC00).contains(&unit);
+                        let is_low = (0xDC00..0xE000).contains(&unit);
+                        let paired = is_high
+                            && bytes.get(i + 6) == Some(&b'\\')
+                            && bytes.get(i + 7) == Some(&b'u')
+                            && hex_at(i + 8).is_some_and(|n| (0xDC00..0xE000).contains(&n));
+                        if paired {
+                            i += 12;
+                            continue;
+                        }
+                        if is_high || is_low {
+                            out.push_str(&text[copied..i]);
+                            out.push_str("\\ufffd");
+                            changed = true;
+                            i += 6;
+                            copied = i;
+                            continue;
+                        }
+                    }
+                }
+                i += 2;
+            }
+            _ => i += 1,
+        }
+    }
+    if !changed {
+        return None;
+    }
+    out.push_str(&text[copied..]);
+    Some(out)
+}
+
+/// Serializes `message` as one frame: compact JSON plus `\n`.
+///
+/// `serde_json` escapes control characters (so no raw newline can appear inside) and never
+/// produces an empty document, so the result is always one non-blank line, which is what keeps a
+/// Node peer alive.
+pub fn encode<T: serde::Serialize + ?Sized>(message: &T) -> Result<Vec<u8>, serde_json::Error> {
+    let mut buf = Vec::with_capacity(64);
+    serde_json::to_writer(&mut buf, message)?;
+    buf.push(b'\n');
+    Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frames(d: &mut Decoder, chunk: &[u8]) -> Vec<Decoded> {
+        let mut out = Vec::new();
+        d.decode(chunk, Vec::new(), &mut out);
+        out
+    }
+
+    fn texts(out: &[Decoded]) -> Vec<String> {
+        out.iter()
+            .map(|d| match d {
+                Decoded::Frame(f) => f.text.clone(),
+                Decoded::Error(e) => format!("ERR {e}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn splits_lines_across_reads() {
+        let mut d = Decoder::default();
+        assert!(frames(&mut d, b"{\"a\":").is_empty());
+        assert_eq!(texts(&frames(&mut d, b"1}\n[2]\n\"x")), ["{\"a\":1}", "[2]"]);
+        assert_eq!(texts(&frames(&mut d, b"\"\r\n")), ["\"x\""]);
+    }
+
+    #[test]
+    fn multibyte_utf8_split_across_reads() {
+        let mut d = Decoder::default();
+        let bytes = "\"é\u{2028}😀\"\n".as_bytes();
+        let mut got = Vec::new();
+        for b in bytes {
+            d.decode(std::slice::from_ref(b), Vec::new(), &mut got);
+        }
+        assert_eq!(texts(&got), ["\"é\u{2028}😀\""]);
+    }
+
+    #[test]
+    fn malformed_and_empty_lines_are_errors_and_decoding_goes_on() {
+        let mut d = Decoder::default();
+        let out = frames(&mut d, b"{oops\n\n1\n");
+        assert!(matches!(out[0], Decoded::Error(FrameError::Malformed { .. })));
+        assert!(matches!(out[1], Decoded::Error(FrameError::Malformed { .. })));
+        assert_eq!(texts(&out[2..]), ["1"]);
+    }
+
+    #[test]
+    fn lone_surrogates_become_replacement_characters() {
+        let mut d = Decoder::default();
+        let out = frames(&mut d, br#"["\ud800","\udc00x","\ud83d\ude00","\\ud800"]"#);
+        assert!(out.is_empty());
+        let out = frames(&mut d, b"\n");
+        let text = texts(&out).remove(0);
+        let v: Vec<String> = serde_json::from_str(&text).unwrap();
+        assert_eq!(v, ["\u{fffd}", "\u{fffd}x", "😀", "\\ud800"]);
+    }
+
+    #[test]
+    fn invalid_utf8_becomes_replacement_character() {
+        let mut d = Decoder::default();
+        let out = frames(&mut d, b"\"a\xffb\"\n");
+        assert_eq!(texts(&out), ["\"a\u{fffd}b\""]);
+    }
+
+    #[test]
+    fn internal_rule_matches_node() {
+        for (text, internal) in [
+            (r#"{"cmd":"NODE_HANDLE_ACK"}"#, Some("NODE_HANDLE_ACK")),
+            (r#"{"cmd":"NODE_"}"#, None),
+            (r#"{"cmd":"NODEX"}"#, None),
+            (r#"{"cmd":"node_x"}"#, None),
+            (r#"{"cmd":5}"#, None),
+            (r#"{"x":{"cmd":"NODE_X"}}"#, None),
+            (r#"{"cmd":"NODE_A","cmd":"user"}"#, None),
+            (r#"{"cmd":"fooNODE_"}"#, None),
+            (r#"["NODE_X"]"#, None),
+        ] {
+            assert_eq!(probe(text).unwrap().as_deref(), internal, "{text}");
+        }
+    }
+
+    #[test]
+    fn too_large_frames_are_skipped_with_bounded_memory() {
+        let mut d = Decoder::new(8);
+        let mut out = Vec::new();
+        d.decode(b"\"12345", Vec::new(), &mut out);
+        d.decode(b"6789", Vec::new(), &mut out);
+        assert_eq!(d.buffered_len(), 0);
+        d.decode(&[b'x'; 1000], Vec::new(), &mut out);
+        assert_eq!(d.buffered_len(), 0);
+        d.decode(b"\"\n1\n\"0123456789\"\n2\n", Vec::new(), &mut out);
+        assert_eq!(texts(&out).len(), 4);
+        assert!(matches!(out[0], Decoded::Error(FrameError::TooLarge { limit: 8 })));
+        assert_eq!(texts(&out[1..2]), ["1"]);
+        assert!(matches!(out[2], Decoded::Error(FrameError::TooLarge { limit: 8 })));
+        assert_eq!(texts(&out[3..]), ["2"]);
+    }
+
+    #[test]
+    fn truncated_frame_reported_at_end() {
+        let mut d = Decoder::default();
+        let mut out = frames(&mut d, b"1\n{\"a\"");
+        d.finish(&mut out);
+        assert!(matches!(out[1], Decoded::Error(FrameError::Truncated { len: 4 })));
+    }
+
+    #[test]
+    fn encode_is_one_line() {
+        let bytes = encode(&serde_json::json!({"s": "a\nb\u{2028}"})).unwrap();
+        assert_eq!(bytes.iter().filter(|&&b| b == b'\n').count(), 1);
+        assert_eq!(*bytes.last().unwrap(), b'\n');
+    }
+}

@@ -1,0 +1,580 @@
+//! The IPC channel: one end of an `AF_UNIX` stream socket pair, speaking Node's `json` protocol.
+//!
+//! A [`Channel`] is a [`Sender`] (cheap to clone) and a [`Receiver`]. Behind them runs a driver
+//! task that owns the socket: it writes queued frames (several per system call when they are
+//! small), reads and decodes frames, and answers the peer's protocol messages — `NODE_HANDLE_ACK`
+//! and `NODE_HANDLE_NACK` — at once, whether or not anyone is reading, because a Node peer holds
+//! every later message behind an unacknowledged handle.
+//!
+//! # Ordering
+//! Messages arrive in the order they were sent. By default a handle is written only once the
+//! previous one is acknowledged, and every message sent after a handle waits behind it — Node's
+//! own rule. [`ChannelConfig::handle_window`] lets several handles be in flight when the peer is
+//! also handoff (or Node: it copes with pipelined handles); then a handle the peer refuses
+//! (`NACK`) is resent behind the ones written after it.
+//!
+//! # Errors on receive
+//! A problem in what the peer sent — a malformed line, a frame over the size limit, a handle
+//! without its descriptor, a descriptor with no handle — is an `Err` item in the receive stream;
+//! the channel carries on with the next message. The stream ends (`None`) when the channel closes.
+
+mod driver;
+mod envelope;
+pub mod frame;
+
+use std::future::Future;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::{broadcast, mpsc, oneshot, watch, Notify, Semaphore};
+
+use crate::handle::{HandleError, IntoWire, ReceivedHandle};
+pub use frame::{FrameError, StrayReason};
+
+/// Settings for a channel. Start from [`ChannelConfig::default`].
+#[derive(Debug, Clone)]
+pub struct ChannelConfig {
+    max_frame_len: usize,
+    send_buffer: usize,
+    recv_buffer: usize,
+    handle_window: usize,
+    max_retransmits: u8,
+}
+
+impl Default for ChannelConfig {
+    fn default() -> Self {
+        ChannelConfig {
+            max_frame_len: frame::DEFAULT_MAX_FRAME_LEN,
+            send_buffer: 4 * 1024 * 1024,
+            recv_buffer: 16 * 1024 * 1024,
+            handle_window: 1,
+            max_retransmits: 3,
+        }
+    }
+}
+
+impl ChannelConfig {
+    /// Largest message accepted from the peer, in bytes (default 64 MiB). A longer one is
+    /// discarded and reported as [`FrameError::TooLarge`]; memory stays bounded by this figure.
+    pub fn max_frame_len(mut self, bytes: usize) -> Self {
+        self.max_frame_len = bytes.max(1);
+        self
+    }
+    /// Bytes of queued, unwritten messages after which `send` waits (default 4 MiB): the
+    /// back-pressure a slow peer exerts.
+    pub fn send_buffer(mut self, bytes: usize) -> Self {
+        self.send_buffer = bytes.max(1);
+        self
+    }
+    /// Bytes of received messages not yet taken by the [`Receiver`] after which the channel stops
+    /// reading (default 16 MiB). Protocol replies keep flowing while under this figure.
+    pub fn recv_buffer(mut self, bytes: usize) -> Self {
+        self.recv_buffer = bytes.max(1);
+        self
+    }
+    /// How many handles may await acknowledgement at once (default 1, Node's behaviour). Above 1,
+    /// plain messages no longer wait behind a handle either.
+    pub fn handle_window(mut self, handles: usize) -> Self {
+        self.handle_window = handles.max(1);
+        self
+    }
+    /// How often a handle the peer answers with `NODE_HANDLE_NACK` is resent before giving up
+    /// (default 3, as Node).
+    pub fn max_retransmits(mut self, times: u8) -> Self {
+        self.max_retransmits = times;
+        self
+    }
+}
+
+/// A message from the peer: its JSON text and, if it came with one, a handle.
+#[derive(Debug)]
+pub struct Message {
+    json: String,
+    handle: Option<ReceivedHandle>,
+}
+
+impl Message {
+    /// The message as JSON text (for a message that carried a handle: the user's `msg`, without
+    /// the `NODE_HANDLE` envelope).
+    pub fn json(&self) -> &str {
+        &self.json
+    }
+    /// The message parsed as a [`serde_json::Value`].
+    ///
+    /// Fails only for JSON that `serde_json` cannot represent as a `Value` although it validated
+    /// it (none is known); it never panics.
+    pub fn value(&self) -> Result<serde_json::Value, serde_json::Error> {
+        serde_json::from_str(&self.json)
+    }
+    /// The message parsed as `T`.
+    pub fn deserialize<T: DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
+        serde_json::from_str(&self.json)
+    }
+    /// The handle that came with the message.
+    pub fn handle(&self) -> Option<&ReceivedHandle> {
+        self.handle.as_ref()
+    }
+    /// Takes the handle out of the message.
+    pub fn take_handle(&mut self) -> Option<ReceivedHandle> {
+        self.handle.take()
+    }
+    /// The JSON text and the handle.
+    pub fn into_parts(self) -> (String, Option<ReceivedHandle>) {
+        (self.json, self.handle)
+    }
+}
+
+/// An internal (`NODE_`-prefixed) message seen on the channel, for observers.
+#[derive(Debug, Clone)]
+pub struct InternalMessage {
+    /// The message as received (for a `NODE_HANDLE`, the whole envelope).
+    pub value: serde_json::Value,
+    /// Whether a descriptor came with it.
+    pub had_fd: bool,
+}
+
+/// Why a message could not be sent, or a handle not delivered.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// The channel is disconnected or closed (Node's `ERR_IPC_CHANNEL_CLOSED`); nothing was
+    /// written.
+    #[error("the IPC channel is closed (ERR_IPC_CHANNEL_CLOSED); the message was not sent")]
+    Closed,
+    /// The message could not be serialized; nothing was written.
+    #[error("the message cannot be serialized as JSON: {0}")]
+    Serialize(#[source] serde_json::Error),
+    /// The message is an object whose `cmd` starts with `NODE_`: the peer would treat it as an
+    /// internal message and never deliver it, or crash on it.
+    #[error(
+        "the message has cmd {cmd:?}: commands starting with NODE_ are internal to the IPC \
+         protocol and a peer never delivers them; rename the field, or use send_internal"
+    )]
+    Reserved {
+        /// The offending command.
+        cmd: String,
+    },
+    /// The handle cannot be sent; nothing was written.
+    #[error(transparent)]
+    Handle(#[from] HandleError),
+    /// The peer answered `NODE_HANDLE_NACK` to every attempt; the descriptor has been closed.
+    #[error(
+        "the peer did not receive the handle after {attempts} attempts (NODE_HANDLE_NACK each \
+         time); the handle was closed"
+    )]
+    NotDelivered {
+        /// How many times it was written.
+        attempts: u8,
+    },
+    /// The channel closed before the peer acknowledged the handle. The descriptor is given back.
+    #[error(
+        "the IPC channel closed before the peer acknowledged the handle ({}); the handle is \
+         returned in this error",
+        if *written { "it had been written, so the peer may hold a copy" } else { "it was never written" }
+    )]
+    Disconnected {
+        /// The handle's descriptor, still open.
+        handle: Option<OwnedFd>,
+        /// Whether it had been written (the peer may then have it too).
+        written: bool,
+    },
+}
+
+/// A problem with what the peer sent. The channel goes on after it.
+#[derive(Debug, thiserror::Error)]
+pub enum RecvError {
+    /// A framing problem: malformed line, over-long frame, stray descriptors, truncated frame.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// A `NODE_HANDLE` message came without a descriptor; it was answered with
+    /// `NODE_HANDLE_NACK`, so the peer may resend it.
+    #[error("a {handle_type} handle message arrived without its file descriptor; answered NODE_HANDLE_NACK so the peer resends it")]
+    HandleWithoutFd {
+        /// The `type` it claimed.
+        handle_type: String,
+    },
+    /// A handle arrived but could not be used (unknown `type`, or a descriptor of the wrong
+    /// kind). It was acknowledged (so the peer does not resend it) and its descriptor closed.
+    #[error("refused a {handle_type:?} handle from the peer ({reason}); its descriptor was closed. The message was: {message}")]
+    HandleRejected {
+        /// The user message that came with it, as JSON.
+        message: String,
+        /// The `type` field as sent.
+        handle_type: String,
+        /// Why it was refused.
+        reason: String,
+    },
+    /// The peer acknowledged a handle we had not sent (nothing was in flight).
+    #[error("the peer sent {cmd} but no handle was awaiting acknowledgement; ignored")]
+    UnexpectedAck {
+        /// `NODE_HANDLE_ACK` or `NODE_HANDLE_NACK`.
+        cmd: &'static str,
+    },
+    /// The kernel truncated the descriptors that came with a read (`MSG_CTRUNC`).
+    #[error("the kernel dropped file descriptors the peer sent (MSG_CTRUNC); the messages they belonged to will be answered with NACK")]
+    ControlTruncated,
+    /// Reading from or writing to the channel failed; the channel is closing.
+    #[error("IPC channel I/O failed: {0}")]
+    Io(#[source] io::Error),
+    /// [`Receiver::recv_as`] could not parse the message as the requested type; the message is
+    /// given back, handle included.
+    #[error("the message does not have the expected shape: {source}")]
+    Deserialize {
+        /// The message, untouched.
+        message: Message,
+        /// What the parser said.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// A handle's delivery: resolves when the peer acknowledges it, or with the reason it was not.
+///
+/// Dropping it does not cancel the delivery.
+#[derive(Debug)]
+pub struct Delivery(oneshot::Receiver<Result<(), SendError>>);
+
+impl Future for Delivery {
+    type Output = Result<(), SendError>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0).poll(cx).map(|r| r.unwrap_or(Err(SendError::Closed)))
+    }
+}
+
+/// State shared by the senders, the receiver and the driver.
+#[derive(Debug)]
+struct Shared {
+    /// False once `disconnect()` was called or the channel closed.
+    connected: AtomicBool,
+    /// Becomes true when the driver has finished and the socket is closed.
+    closed: watch::Sender<bool>,
+    /// Bytes of queued outgoing frames (permits), for back-pressure.
+    send_budget: Arc<Semaphore>,
+    send_buffer: usize,
+    /// Bytes of decoded messages waiting in the receiver's queue.
+    recv_queued: AtomicUsize,
+    recv_space: Notify,
+    internal: broadcast::Sender<InternalMessage>,
+}
+
+/// A queued frame and what to do once it is written.
+#[derive(Debug)]
+struct Outgoing {
+    bytes: Vec<u8>,
+    handle: Option<driver::PendingHandle>,
+    /// Released when the frame has been written (or dropped).
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    written: Option<oneshot::Sender<Result<(), SendError>>>,
+}
+
+#[derive(Debug)]
+enum Command {
+    Write(Outgoing),
+    Disconnect,
+}
+
+/// The sending half of a channel. Clone it freely; all clones feed the same ordered queue.
+#[derive(Debug, Clone)]
+pub struct Sender {
+    commands: mpsc::UnboundedSender<Command>,
+    shared: Arc<Shared>,
+}
+
+/// The receiving half of a channel.
+#[derive(Debug)]
+pub struct Receiver {
+    messages: mpsc::UnboundedReceiver<Result<Message, RecvError>>,
+    shared: Arc<Shared>,
+}
+
+/// Both halves of a channel. See the [module docs](self).
+///
+/// # Examples
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> std::io::Result<()> {
+/// let (a, mut b) = handoff::Channel::pair()?;
+/// a.send(&serde_json::json!({"hello": "world"})).await.unwrap();
+/// let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+/// // KeepOpen: a duplicate goes, ours stays open (Node's keepOpen).
+/// a.send_handle(&"server", handoff::handle::KeepOpen(&listener)).await.unwrap();
+///
+/// let first = b.recv().await.unwrap().unwrap();
+/// assert_eq!(first.value().unwrap()["hello"], "world");
+/// let mut second = b.recv().await.unwrap().unwrap();
+/// let shared: tokio::net::TcpListener = second.take_handle().unwrap().into().unwrap();
+/// assert_eq!(shared.local_addr()?, listener.local_addr()?);
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct Channel {
+    sender: Sender,
+    receiver: Receiver,
+}
+
+impl Channel {
+    /// Drives `fd`, one end of an `AF_UNIX` stream socket pair, as a channel with the default
+    /// settings. Must be called inside a tokio runtime; the driver task is spawned on it.
+    pub fn from_fd(fd: OwnedFd) -> io::Result<Channel> {
+        Channel::with_config(fd, ChannelConfig::default())
+    }
+
+    /// Like [`from_fd`](Channel::from_fd), with `config`.
+    pub fn with_config(fd: OwnedFd, config: ChannelConfig) -> io::Result<Channel> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+            io::Error::other("a handoff channel must be created inside a tokio runtime")
+        })?;
+        crate::sys::set_nonblocking(std::os::fd::AsFd::as_fd(&fd), true)?;
+        let stream = {
+            let _guard = runtime.enter();
+            tokio::net::UnixStream::from_std(std::os::unix::net::UnixStream::from(fd))?
+        };
+        let (closed, _) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            connected: AtomicBool::new(true),
+            closed,
+            send_budget: Arc::new(Semaphore::new(config.send_buffer)),
+            send_buffer: config.send_buffer,
+            recv_queued: AtomicUsize::new(0),
+            recv_space: Notify::new(),
+            internal: broadcast::channel(256).0,
+        });
+        let (commands, command_rx) = mpsc::unbounded_channel();
+        let (message_tx, messages) = mpsc::unbounded_channel();
+        let driver = driver::Driver::new(stream, config, shared.clone(), command_rx, message_tx);
+        runtime.spawn(driver.run());
+        Ok(Channel {
+            sender: Sender { commands, shared: shared.clone() },
+            receiver: Receiver { messages, shared },
+        })
+    }
+
+    /// Two connected channels in this process (for tests and in-process handoff).
+    pub fn pair() -> io::Result<(Channel, Channel)> {
+        Channel::pair_with_config(ChannelConfig::default())
+    }
+
+    /// Two connected channels with `config`.
+    pub fn pair_with_config(config: ChannelConfig) -> io::Result<(Channel, Channel)> {
+        let (a, b) = crate::sys::stream_socketpair()?;
+        Ok((Channel::with_config(a, config.clone())?, Channel::with_config(b, config)?))
+    }
+
+    /// The sending half.
+    pub fn sender(&self) -> &Sender {
+        &self.sender
+    }
+    /// The receiving half.
+    pub fn receiver(&mut self) -> &mut Receiver {
+        &mut self.receiver
+    }
+    /// Splits into the two halves.
+    pub fn split(self) -> (Sender, Receiver) {
+        (self.sender, self.receiver)
+    }
+
+    /// See [`Sender::send`].
+    pub async fn send<T: Serialize + ?Sized>(&self, message: &T) -> Result<(), SendError> {
+        self.sender.send(message).await
+    }
+    /// See [`Sender::send_handle`].
+    pub async fn send_handle<T: Serialize + ?Sized>(
+        &self,
+        message: &T,
+        handle: impl IntoWire,
+    ) -> Result<(), SendError> {
+        self.sender.send_handle(message, handle).await
+    }
+    /// See [`Receiver::recv`].
+    pub async fn recv(&mut self) -> Option<Result<Message, RecvError>> {
+        self.receiver.recv().await
+    }
+    /// See [`Receiver::recv_as`].
+    pub async fn recv_as<T: DeserializeOwned>(
+        &mut self,
+    ) -> Option<Result<(T, Option<ReceivedHandle>), RecvError>> {
+        self.receiver.recv_as().await
+    }
+    /// See [`Sender::disconnect`].
+    pub fn disconnect(&self) {
+        self.sender.disconnect()
+    }
+    /// See [`Sender::is_connected`].
+    pub fn is_connected(&self) -> bool {
+        self.sender.is_connected()
+    }
+}
+
+impl Sender {
+    /// Queues `message` (any `Serialize` value: one JSON line on the wire).
+    ///
+    /// Returns once the message is queued in order; it waits only while more than
+    /// [`ChannelConfig::send_buffer`] bytes are queued (a slow peer's back-pressure). Use
+    /// [`flush`](Sender::flush) to wait until it has been written.
+    ///
+    /// Objects whose `cmd` starts with `NODE_` are refused ([`SendError::Reserved`]): a peer
+    /// treats them as internal and would drop them or crash.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: if the future is dropped before it completes, the message was not queued.
+    pub async fn send<T: Serialize + ?Sized>(&self, message: &T) -> Result<(), SendError> {
+        let bytes = frame::encode(message).map_err(SendError::Serialize)?;
+        if let Some(cmd) = envelope::reserved_cmd(&bytes) {
+            return Err(SendError::Reserved { cmd });
+        }
+        self.enqueue(bytes, None, None).await
+    }
+
+    /// Queues an internal message (`cmd` starting with `NODE_`) that handoff does not manage
+    /// itself. Handle and socket-list commands are refused: sending them unasked would break a
+    /// Node peer.
+    ///
+    /// # Cancel safety
+    /// Cancel safe, as [`send`](Sender::send).
+    pub async fn send_internal(&self, message: &serde_json::Value) -> Result<(), SendError> {
+        let cmd = message.get("cmd").and_then(|c| c.as_str()).unwrap_or_default();
+        if !frame::is_internal_cmd(cmd) || envelope::is_managed_cmd(cmd) {
+            return Err(SendError::Reserved { cmd: cmd.to_owned() });
+        }
+        let bytes = frame::encode(message).map_err(SendError::Serialize)?;
+        self.enqueue(bytes, None, None).await
+    }
+
+    /// Sends `message` with `handle` and waits until the peer acknowledges it.
+    ///
+    /// `handle` by value is moved and closed after the acknowledgement; wrapped in
+    /// [`KeepOpen`](crate::handle::KeepOpen), a duplicate is sent and yours stays open (Node's
+    /// `keepOpen`). See [`crate::handle`].
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: once queued, the handle is sent even if this future is dropped; use
+    /// [`queue_handle`](Sender::queue_handle) to keep track of it.
+    pub async fn send_handle<T: Serialize + ?Sized>(
+        &self,
+        message: &T,
+        handle: impl IntoWire,
+    ) -> Result<(), SendError> {
+        self.queue_handle(message, handle).await?.await
+    }
+
+    /// Queues `message` with `handle` and returns a [`Delivery`] that resolves on the peer's
+    /// acknowledgement. Lets several handles be queued (and, with
+    /// [`ChannelConfig::handle_window`], pipelined) without waiting for each.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: if dropped before it completes, nothing was queued and the handle was dropped.
+    pub async fn queue_handle<T: Serialize + ?Sized>(
+        &self,
+        message: &T,
+        handle: impl IntoWire,
+    ) -> Result<Delivery, SendError> {
+        let wire = handle.into_wire_handle()?;
+        let msg = serde_json::to_vec(message).map_err(SendError::Serialize)?;
+        let bytes = envelope::encode_handle(&msg, &wire);
+        let (done, delivery) = oneshot::channel();
+        let pending = driver::PendingHandle::new(wire.fd, done);
+        self.enqueue(bytes, Some(pending), None).await?;
+        Ok(Delivery(delivery))
+    }
+
+    /// Waits until every message queued so far has been written to the channel.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: dropping it only stops the waiting.
+    pub async fn flush(&self) -> Result<(), SendError> {
+        let (tx, rx) = oneshot::channel();
+        self.enqueue(Vec::new(), None, Some(tx)).await?;
+        rx.await.unwrap_or(Err(SendError::Closed))
+    }
+
+    /// Disconnects: refuses new sends at once, writes what is already queued, waits for pending
+    /// handle acknowledgements, then closes the channel. The peer sees end-of-file; both
+    /// receivers then end. Calling it again does nothing.
+    pub fn disconnect(&self) {
+        if self.shared.connected.swap(false, Ordering::SeqCst) {
+            let _ = self.commands.send(Command::Disconnect);
+        }
+    }
+
+    /// False once [`disconnect`](Sender::disconnect) was called or the channel closed.
+    pub fn is_connected(&self) -> bool {
+        self.shared.connected.load(Ordering::SeqCst)
+    }
+
+    /// Resolves when the channel has closed (its socket is closed).
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    pub async fn closed(&self) {
+        let mut rx = self.shared.closed.subscribe();
+        let _ = rx.wait_for(|closed| *closed).await;
+    }
+
+    /// Subscribes to the internal messages this channel receives from now on (read-only: they are
+    /// still handled by handoff). A subscriber that falls more than 256 messages behind loses the
+    /// oldest.
+    pub fn internal_messages(&self) -> broadcast::Receiver<InternalMessage> {
+        self.shared.internal.subscribe()
+    }
+
+    async fn enqueue(
+        &self,
+        bytes: Vec<u8>,
+        handle: Option<driver::PendingHandle>,
+        written: Option<oneshot::Sender<Result<(), SendError>>>,
+    ) -> Result<(), SendError> {
+        if !self.is_connected() {
+            return Err(handle.map_or(SendError::Closed, |h| h.closed_unwritten()));
+        }
+        let cost = bytes.len().clamp(1, self.shared.send_buffer) as u32;
+        let permit = match self.shared.send_budget.clone().acquire_many_owned(cost).await {
+            Ok(permit) => permit,
+            Err(_) => return Err(handle.map_or(SendError::Closed, |h| h.closed_unwritten())),
+        };
+        let outgoing = Outgoing { bytes, handle, _permit: Some(permit), written };
+        self.commands.send(Command::Write(outgoing)).map_err(|e| match e.0 {
+            Command::Write(o) => o.handle.map_or(SendError::Closed, |h| h.closed_unwritten()),
+            Command::Disconnect => SendError::Closed,
+        })
+    }
+}
+
+impl Receiver {
+    /// The next message from the peer, an `Err` describing bad input (the channel goes on), or
+    /// `None` once the channel has closed and every message has been taken.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: no message is lost if the future is dropped.
+    pub async fn recv(&mut self) -> Option<Result<Message, RecvError>> {
+        let item = self.messages.recv().await?;
+        if let Ok(message) = &item {
+            let before = self.shared.recv_queued.fetch_sub(queued_cost(message), Ordering::SeqCst);
+            let _ = before;
+            self.shared.recv_space.notify_one();
+        }
+        Some(item)
+    }
+
+    /// The next message parsed as `T`, with its handle. A message that does not parse is returned
+    /// whole in [`RecvError::Deserialize`].
+    ///
+    /// # Cancel safety
+    /// Cancel safe, as [`recv`](Receiver::recv).
+    pub async fn recv_as<T: DeserializeOwned>(
+        &mut self,
+    ) -> Option<Result<(T, Option<ReceivedHandle>), RecvError>> {
+        Some(self.recv().await?.and_then(|mut message| match message.deserialize::<T>() {
+            Ok(value) => Ok((value, message.take_handle())),
+            Err(source) => Err(RecvError::Deserialize { message, source }),
+        }))
+    }
+}
+
+/// What a queued message counts against [`ChannelConfig::recv_buffer`].
+fn queued_cost(message: &Message) -> usize {
+    message.json.len() + 64
+}

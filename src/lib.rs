@@ -1,0 +1,52 @@
+//! # handoff
+//!
+//! Pass messages and live OS handles — TCP connections, listening servers, UDP sockets, Unix
+//! sockets — between processes, speaking Node.js's `child_process` IPC protocol exactly, so a
+//! Rust process can be the parent or the child of a real Node process.
+//!
+//! The layers, bottom up:
+//! - [`sys`](crate::handle::FdKind) (private): `sendmsg`/`recvmsg` with `SCM_RIGHTS`, descriptor
+//!   classification; the only `unsafe` code.
+//! - [`channel`]: framing ([`channel::frame`]) and the channel itself ([`Channel`], [`Sender`],
+//!   [`Receiver`]), driven by its own task, with the handle acknowledgement queue.
+//! - [`handle`]: one conversion per handle type ([`handle::Handle`]).
+//! - [`process`]: spawn a child with a channel ([`Command`]), or attach to the parent's
+//!   ([`process::parent_channel`]).
+//!
+//! ```no_run
+//! # #[tokio::main] async fn main() -> anyhow::Result<()> {
+//! // Parent: hand every connection to a child (Node's `child.send('socket', socket)`).
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:1337").await?;
+//! let child = handoff::Command::new("node").arg("child.js").spawn()?;
+//! loop {
+//!     let (socket, _) = listener.accept().await?;
+//!     child.sender().send_handle(&"socket", socket).await?;
+//! }
+//! # }
+//! ```
+//!
+//! ```no_run
+//! # #[tokio::main] async fn main() -> anyhow::Result<()> {
+//! // Child: answer each socket it is handed.
+//! use tokio::io::AsyncWriteExt;
+//! let mut parent = handoff::process::parent_channel()?.expect("started with an IPC channel");
+//! while let Some(message) = parent.recv().await {
+//!     let mut message = message?;
+//!     if let Some(handle) = message.take_handle() {
+//!         let mut socket: tokio::net::TcpStream = handle.into()?;
+//!         socket.write_all(b"Child handled it.").await?;
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+#![warn(missing_docs, unreachable_pub, unsafe_op_in_unsafe_fn)]
+#![deny(unsafe_code)]
+
+pub mod channel;
+pub mod handle;
+pub mod process;
+#[allow(unsafe_code)]
+mod sys;
+
+pub use channel::{Channel, ChannelConfig, Message, Receiver, RecvError, SendError, Sender};
+pub use process::{Child, Command};

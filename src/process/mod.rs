@@ -1,0 +1,274 @@
+//! Processes with a channel: spawning a child that has one ([`Command`]), and finding the one a
+//! parent gave us ([`parent_channel`]).
+//!
+//! The protocol (doc §1): the parent creates an `AF_UNIX` stream socket pair, keeps one end, and
+//! installs the other in the child at descriptor `N` (3 unless told otherwise), advertised as
+//! `NODE_CHANNEL_FD=N` with `NODE_CHANNEL_SERIALIZATION_MODE=json`. The child takes the
+//! descriptor, makes it close-on-exec, and removes both variables so its own children do not
+//! attach to its channel.
+
+use std::ffi::OsStr;
+use std::io;
+use std::os::fd::{AsFd, RawFd};
+use std::path::Path;
+use std::process::{ExitStatus, Stdio};
+
+use serde::Serialize;
+
+use crate::channel::{Channel, ChannelConfig, Message, RecvError, SendError, Sender};
+use crate::handle::IntoWire;
+use crate::sys;
+
+/// The environment variable naming the child's channel descriptor.
+pub const CHANNEL_FD_ENV: &str = "NODE_CHANNEL_FD";
+/// The environment variable naming the serialization (`json` or `advanced`).
+pub const SERIALIZATION_ENV: &str = "NODE_CHANNEL_SERIALIZATION_MODE";
+
+/// A builder for a child process with an IPC channel, in the manner of
+/// [`tokio::process::Command`] (and of Node's `child_process.fork`).
+///
+/// # Examples
+/// ```no_run
+/// # #[tokio::main] async fn main() -> std::io::Result<()> {
+/// let mut child = handoff::Command::new("node").arg("child.js").spawn()?;
+/// child.send(&serde_json::json!({"hello": "child"})).await.unwrap();
+/// if let Some(Ok(reply)) = child.recv().await {
+///     println!("child said {}", reply.json());
+/// }
+/// child.disconnect();
+/// let status = child.wait().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct Command {
+    inner: tokio::process::Command,
+    slot: sys::ExecChannelSlot,
+    channel_fd: RawFd,
+    config: ChannelConfig,
+}
+
+impl Command {
+    /// A command running `program`, with the channel at descriptor 3 and stdio inherited.
+    pub fn new(program: impl AsRef<OsStr>) -> Command {
+        let mut inner = tokio::process::Command::new(program);
+        let slot = sys::ExecChannelSlot::register(&mut inner);
+        Command { inner, slot, channel_fd: 3, config: ChannelConfig::default() }
+    }
+
+    /// `node script`: a Node child, as `child_process.fork(script)` starts it.
+    pub fn node(script: impl AsRef<Path>) -> Command {
+        let mut command = Command::new("node");
+        command.arg(script.as_ref());
+        command
+    }
+
+    /// Adds an argument.
+    pub fn arg(&mut self, arg: impl AsRef<OsStr>) -> &mut Command {
+        self.inner.arg(arg);
+        self
+    }
+    /// Adds arguments.
+    pub fn args<I, S>(&mut self, args: I) -> &mut Command
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.inner.args(args);
+        self
+    }
+    /// Sets an environment variable.
+    pub fn env(&mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> &mut Command {
+        self.inner.env(key, value);
+        self
+    }
+    /// Removes an environment variable.
+    pub fn env_remove(&mut self, key: impl AsRef<OsStr>) -> &mut Command {
+        self.inner.env_remove(key);
+        self
+    }
+    /// Sets the working directory.
+    pub fn current_dir(&mut self, dir: impl AsRef<Path>) -> &mut Command {
+        self.inner.current_dir(dir);
+        self
+    }
+    /// Configures the child's standard input.
+    pub fn stdin(&mut self, cfg: impl Into<Stdio>) -> &mut Command {
+        self.inner.stdin(cfg);
+        self
+    }
+    /// Configures the child's standard output.
+    pub fn stdout(&mut self, cfg: impl Into<Stdio>) -> &mut Command {
+        self.inner.stdout(cfg);
+        self
+    }
+    /// Configures the child's standard error.
+    pub fn stderr(&mut self, cfg: impl Into<Stdio>) -> &mut Command {
+        self.inner.stderr(cfg);
+        self
+    }
+    /// Kills the child when its [`Child`] is dropped.
+    pub fn kill_on_drop(&mut self, kill: bool) -> &mut Command {
+        self.inner.kill_on_drop(kill);
+        self
+    }
+    /// The descriptor number the child finds its channel at (default 3; Node accepts any, and a
+    /// `stdio` index such as 0 or 1 replaces that stream).
+    pub fn channel_fd(&mut self, fd: RawFd) -> &mut Command {
+        self.channel_fd = fd;
+        self
+    }
+    /// Settings for the parent's end of the channel.
+    pub fn channel_config(&mut self, config: ChannelConfig) -> &mut Command {
+        self.config = config;
+        self
+    }
+    /// The underlying tokio command, for anything not covered here.
+    pub fn as_tokio_mut(&mut self) -> &mut tokio::process::Command {
+        &mut self.inner
+    }
+
+    /// Starts the child with its channel. Must be called inside a tokio runtime.
+    pub fn spawn(&mut self) -> io::Result<Child> {
+        if self.channel_fd < 0 {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "channel_fd must not be negative"));
+        }
+        let (ours, theirs) = sys::stream_socketpair()?;
+        // The child end is put in place by dup2, which clears O_NONBLOCK nowhere: a Node child
+        // expects a blocking descriptor and sets its own flags (protocol doc §1.3).
+        sys::set_nonblocking(theirs.as_fd(), false)?;
+        let _reserved = if self.channel_fd > 2 {
+            Some(sys::reserve_fd_number(theirs.as_fd(), self.channel_fd)?)
+        } else {
+            None
+        };
+        self.inner
+            .env(CHANNEL_FD_ENV, self.channel_fd.to_string())
+            .env(SERIALIZATION_ENV, "json");
+        self.slot.set(theirs.as_fd(), self.channel_fd);
+        let spawned = self.inner.spawn();
+        self.slot.clear();
+        drop(theirs);
+        let process = spawned?;
+        let channel = Channel::with_config(ours, self.config.clone())?;
+        Ok(Child { process, channel })
+    }
+}
+
+/// A running child process and the parent's end of its channel.
+#[derive(Debug)]
+pub struct Child {
+    process: tokio::process::Child,
+    channel: Channel,
+}
+
+impl Child {
+    /// The child's process id, until it has been waited for.
+    pub fn id(&self) -> Option<u32> {
+        self.process.id()
+    }
+    /// The channel's sending half (clone it to send from elsewhere).
+    pub fn sender(&self) -> &Sender {
+        self.channel.sender()
+    }
+    /// The channel.
+    pub fn channel(&mut self) -> &mut Channel {
+        &mut self.channel
+    }
+    /// See [`Sender::send`].
+    pub async fn send<T: Serialize + ?Sized>(&self, message: &T) -> Result<(), SendError> {
+        self.channel.send(message).await
+    }
+    /// See [`Sender::send_handle`].
+    pub async fn send_handle<T: Serialize + ?Sized>(
+        &self,
+        message: &T,
+        handle: impl IntoWire,
+    ) -> Result<(), SendError> {
+        self.channel.send_handle(message, handle).await
+    }
+    /// See [`Receiver::recv`](crate::Receiver::recv).
+    pub async fn recv(&mut self) -> Option<Result<Message, RecvError>> {
+        self.channel.recv().await
+    }
+    /// Closes the channel (the child sees end-of-file and, if it is Node with nothing else to do,
+    /// exits). See [`Sender::disconnect`].
+    pub fn disconnect(&self) {
+        self.channel.disconnect()
+    }
+    /// Whether the channel is still open.
+    pub fn is_connected(&self) -> bool {
+        self.channel.is_connected()
+    }
+    /// Waits for the child to exit.
+    ///
+    /// # Cancel safety
+    /// Cancel safe, as [`tokio::process::Child::wait`].
+    pub async fn wait(&mut self) -> io::Result<ExitStatus> {
+        self.process.wait().await
+    }
+    /// The exit status, if the child has exited.
+    pub fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
+        self.process.try_wait()
+    }
+    /// Sends `SIGKILL` and waits for the child to exit.
+    ///
+    /// # Cancel safety
+    /// Cancel safe, as [`tokio::process::Child::kill`].
+    pub async fn kill(&mut self) -> io::Result<()> {
+        self.process.kill().await
+    }
+    /// Sends `SIGKILL` without waiting.
+    pub fn start_kill(&mut self) -> io::Result<()> {
+        self.process.start_kill()
+    }
+    /// The tokio child (for its stdio pipes) and the channel.
+    pub fn into_parts(self) -> (tokio::process::Child, Channel) {
+        (self.process, self.channel)
+    }
+    /// The tokio child, for its stdio pipes.
+    pub fn process_mut(&mut self) -> &mut tokio::process::Child {
+        &mut self.process
+    }
+}
+
+/// The channel this process's parent opened for it, if it was started with one
+/// (`NODE_CHANNEL_FD` set) — by a handoff parent, Node's `child_process.fork`, or
+/// `spawn(..., {stdio: [..., 'ipc']})`.
+///
+/// Removes `NODE_CHANNEL_FD` and `NODE_CHANNEL_SERIALIZATION_MODE` from the environment, so
+/// children this process starts do not attach to its channel. Call it early, before other threads
+/// read the environment. Works once per process; a second call returns an error.
+///
+/// Errors: the variable is not a number, the descriptor is not an open `AF_UNIX` stream socket,
+/// or the parent asked for `advanced` serialization (not supported yet: only `json`).
+pub fn parent_channel() -> io::Result<Option<Channel>> {
+    parent_channel_with_config(ChannelConfig::default())
+}
+
+/// Like [`parent_channel`], with `config`.
+pub fn parent_channel_with_config(config: ChannelConfig) -> io::Result<Option<Channel>> {
+    let Some(fd_text) = std::env::var_os(CHANNEL_FD_ENV) else {
+        return Ok(None);
+    };
+    let mode = std::env::var_os(SERIALIZATION_ENV);
+    sys::remove_env(CHANNEL_FD_ENV);
+    sys::remove_env(SERIALIZATION_ENV);
+    match mode.as_deref().map(|m| m.to_string_lossy()) {
+        None => {}
+        Some(m) if m == "json" => {}
+        Some(m) => {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("the parent asked for {m:?} serialization; handoff speaks only \"json\" (start the child without serialization: 'advanced')"),
+            ))
+        }
+    }
+    let fd: RawFd = fd_text.to_str().and_then(|t| t.trim().parse().ok()).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{CHANNEL_FD_ENV}={fd_text:?} is not a file descriptor number"),
+        )
+    })?;
+    let owned = sys::adopt_inherited_fd(fd)?;
+    Channel::with_config(owned, config).map(Some)
+}

@@ -1,0 +1,367 @@
+//! The operating-system layer: the only module that sees raw file descriptors or uses `unsafe`.
+//!
+//! Everything above it works with [`OwnedFd`] and [`BorrowedFd`]. The pieces are:
+//! - [`stream_socketpair`]: the channel's `AF_UNIX`/`SOCK_STREAM` pair, both ends close-on-exec;
+//! - [`send_with_fds`] / [`recv_with_fds`]: `sendmsg`/`recvmsg` with `SCM_RIGHTS`, received fds
+//!   close-on-exec (`MSG_CMSG_CLOEXEC`) and truncation (`MSG_CTRUNC`) reported;
+//! - [`classify`]: what kind of object a descriptor refers to, asked of the kernel;
+//! - [`install_fd_for_exec`]: the `dup2` that puts the child's channel end at its advertised number;
+//! - [`adopt_inherited_fd`]: taking ownership of the channel fd a parent left us.
+
+use std::io::{self, IoSlice};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use rustix::net::{
+    AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags,
+    SendAncillaryBuffer, SendAncillaryMessage, SendFlags, SocketFlags, SocketType,
+};
+
+/// Most descriptors the kernel passes in one `SCM_RIGHTS` message (`SCM_MAX_FD`).
+pub(crate) const MAX_FDS_PER_MESSAGE: usize = 253;
+
+/// Creates a connected `AF_UNIX` stream socket pair, both ends close-on-exec and non-blocking.
+pub(crate) fn stream_socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
+    Ok(rustix::net::socketpair(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+        None,
+    )?)
+}
+
+/// Writes `bufs` with one `sendmsg`, attaching `fds` as `SCM_RIGHTS` when it is not empty.
+///
+/// Never raises `SIGPIPE` (`MSG_NOSIGNAL`) and never blocks (`MSG_DONTWAIT`). Returns how many
+/// bytes the kernel took; when it is fewer than offered the fds have still gone out with the first
+/// byte, which is what the receiver expects (they belong to the frame that byte starts).
+pub(crate) fn send_with_fds(
+    socket: BorrowedFd<'_>,
+    bufs: &[IoSlice<'_>],
+    fds: &[BorrowedFd<'_>],
+) -> io::Result<usize> {
+    let flags = SendFlags::NOSIGNAL | SendFlags::DONTWAIT;
+    if fds.is_empty() {
+        let mut control = SendAncillaryBuffer::default();
+        return Ok(rustix::net::sendmsg(socket, bufs, &mut control, flags)?);
+    }
+    let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(4))];
+    let mut heap;
+    let buffer: &mut [MaybeUninit<u8>] = if fds.len() <= 4 {
+        &mut space
+    } else {
+        heap = vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(fds.len()))];
+        &mut heap
+    };
+    let mut control = SendAncillaryBuffer::new(buffer);
+    if !control.push(SendAncillaryMessage::ScmRights(fds)) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "too many file descriptors for one message",
+        ));
+    }
+    Ok(rustix::net::sendmsg(socket, bufs, &mut control, flags)?)
+}
+
+/// What one [`recv_with_fds`] call produced.
+#[derive(Debug)]
+pub(crate) struct Received {
+    /// Bytes read into the buffer; 0 means the peer closed its end.
+    pub(crate) len: usize,
+    /// The kernel dropped descriptors that did not fit (`MSG_CTRUNC`).
+    pub(crate) control_truncated: bool,
+}
+
+/// Reads once with `recvmsg`, appending every descriptor that came with the bytes to `fds`.
+///
+/// Received descriptors are close-on-exec (`MSG_CMSG_CLOEXEC`). The control buffer has room for
+/// the kernel's maximum per message, so truncation means a misbehaving kernel or peer; it is
+/// reported, and whatever did arrive is still returned so the caller can close it.
+pub(crate) fn recv_with_fds(
+    socket: BorrowedFd<'_>,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+) -> io::Result<Received> {
+    let mut space =
+        [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_MESSAGE))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let mut iov = [io::IoSliceMut::new(buf)];
+    let msg = rustix::net::recvmsg(
+        socket,
+        &mut iov,
+        &mut control,
+        RecvFlags::CMSG_CLOEXEC | RecvFlags::DONTWAIT,
+    )?;
+    for message in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(received) = message {
+            fds.extend(received);
+        }
+    }
+    Ok(Received {
+        len: msg.bytes,
+        control_truncated: msg.flags.contains(ReturnFlags::CTRUNC),
+    })
+}
+
+/// What a file descriptor refers to, as far as handle passing cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FdKind {
+    /// A TCP socket (IPv4 or IPv6) that is listening.
+    TcpListener,
+    /// A TCP socket that is not listening (connected, or only bound).
+    TcpStream,
+    /// A UDP socket (IPv4).
+    Udp4,
+    /// A UDP socket (IPv6).
+    Udp6,
+    /// An `AF_UNIX` stream socket that is listening.
+    UnixListener,
+    /// An `AF_UNIX` stream socket that is not listening.
+    UnixStream,
+    /// An `AF_UNIX` datagram or seqpacket socket.
+    UnixDatagram,
+    /// A FIFO (named or anonymous pipe).
+    Fifo,
+    /// Anything else: a regular file, a terminal, another socket family.
+    Other,
+}
+
+impl FdKind {
+    /// A stream socket Node can wrap in a `net.Socket` (TCP, `AF_UNIX` stream, or a FIFO).
+    pub fn is_stream(self) -> bool {
+        matches!(self, FdKind::TcpStream | FdKind::UnixStream | FdKind::Fifo)
+    }
+    /// A listening stream socket Node can wrap in a `net.Server`.
+    pub fn is_listener(self) -> bool {
+        matches!(self, FdKind::TcpListener | FdKind::UnixListener)
+    }
+    /// A UDP socket Node can wrap in a `dgram.Socket`.
+    pub fn is_udp(self) -> bool {
+        matches!(self, FdKind::Udp4 | FdKind::Udp6)
+    }
+}
+
+/// Asks the kernel what `fd` is (`fstat`, then `SO_DOMAIN`, `SO_TYPE`, `SO_ACCEPTCONN`).
+pub(crate) fn classify(fd: BorrowedFd<'_>) -> io::Result<FdKind> {
+    use rustix::fs::FileType;
+    let stat = rustix::fs::fstat(fd)?;
+    match FileType::from_raw_mode(stat.st_mode) {
+        FileType::Socket => {}
+        FileType::Fifo => return Ok(FdKind::Fifo),
+        _ => return Ok(FdKind::Other),
+    }
+    let domain = rustix::net::sockopt::socket_domain(fd)?;
+    let kind = rustix::net::sockopt::socket_type(fd)?;
+    let inet = domain == AddressFamily::INET || domain == AddressFamily::INET6;
+    Ok(if inet && kind == SocketType::STREAM {
+        if rustix::net::sockopt::socket_acceptconn(fd)? {
+            FdKind::TcpListener
+        } else {
+            FdKind::TcpStream
+        }
+    } else if inet && kind == SocketType::DGRAM {
+        if domain == AddressFamily::INET {
+            FdKind::Udp4
+        } else {
+            FdKind::Udp6
+        }
+    } else if domain == AddressFamily::UNIX && kind == SocketType::STREAM {
+        if rustix::net::sockopt::socket_acceptconn(fd)? {
+            FdKind::UnixListener
+        } else {
+            FdKind::UnixStream
+        }
+    } else if domain == AddressFamily::UNIX {
+        FdKind::UnixDatagram
+    } else {
+        FdKind::Other
+    })
+}
+
+/// Sets or clears `O_NONBLOCK` on the open file description behind `fd`.
+///
+/// The flag belongs to the file description, so a descriptor received from another process shares
+/// it with the sender's copy.
+pub(crate) fn set_nonblocking(fd: BorrowedFd<'_>, nonblocking: bool) -> io::Result<()> {
+    Ok(rustix::io::ioctl_fionbio(fd, nonblocking)?)
+}
+
+/// Makes `fd` close-on-exec.
+pub(crate) fn set_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
+    Ok(rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::CLOEXEC)?)
+}
+
+/// Returns whether `raw` is an open descriptor of an `AF_UNIX` stream socket.
+fn is_unix_stream_socket(fd: BorrowedFd<'_>) -> bool {
+    matches!(classify(fd), Ok(FdKind::UnixStream))
+}
+
+/// Puts `source` at descriptor number `target` in a freshly forked child, without close-on-exec,
+/// so that the program about to be executed inherits it there.
+///
+/// Runs between `fork` and `exec`, so it only makes async-signal-safe system calls.
+///
+/// # Safety
+/// Must only be called in a forked child before `exec` (a `pre_exec` hook): it overwrites whatever
+/// `target` referred to, which in the parent could belong to someone else.
+pub(crate) unsafe fn install_fd_for_exec(source: RawFd, target: RawFd) -> io::Result<()> {
+    // SAFETY: dup2 and fcntl are async-signal-safe and only touch the descriptor table of this
+    // (forked, single-threaded) child; the caller guarantees we are in such a child.
+    unsafe {
+        if source == target {
+            let flags = libc::fcntl(target, libc::F_GETFD);
+            if flags < 0 || libc::fcntl(target, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        } else if libc::dup2(source, target) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// The descriptor a spawned child should find its channel at, shared with the `pre_exec` hook.
+///
+/// Packed as `(source << 32) | target`; `-1` when no channel is to be installed. The hook reads it
+/// in the forked child, which has its own copy of memory, so a plain atomic is enough.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ExecChannelSlot(std::sync::Arc<std::sync::atomic::AtomicI64>);
+
+impl ExecChannelSlot {
+    /// Registers the hook on `command` once; [`set`](Self::set) chooses the descriptors before
+    /// each spawn.
+    pub(crate) fn register(command: &mut tokio::process::Command) -> ExecChannelSlot {
+        let slot = ExecChannelSlot(std::sync::Arc::new(std::sync::atomic::AtomicI64::new(-1)));
+        let shared = slot.0.clone();
+        let hook = move || {
+            let packed = shared.load(std::sync::atomic::Ordering::SeqCst);
+            if packed < 0 {
+                return Ok(());
+            }
+            let (source, target) = ((packed >> 32) as RawFd, (packed & 0xffff_ffff) as RawFd);
+            // SAFETY: this hook runs in the forked child before exec, which is exactly
+            // install_fd_for_exec's requirement.
+            unsafe { install_fd_for_exec(source, target) }
+        };
+        // SAFETY: the hook only loads an atomic and calls dup2/fcntl, all async-signal-safe, and
+        // allocates nothing, as code between fork and exec must.
+        unsafe {
+            command.pre_exec(hook);
+        }
+        slot
+    }
+
+    /// The next spawn installs `source` at `target`.
+    pub(crate) fn set(&self, source: BorrowedFd<'_>, target: RawFd) {
+        use std::os::fd::AsRawFd;
+        let packed = ((source.as_raw_fd() as i64) << 32) | (target as i64 & 0xffff_ffff);
+        self.0.store(packed, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The next spawn installs nothing.
+    pub(crate) fn clear(&self) {
+        self.0.store(-1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Occupies descriptor number `target` in this process, if it is free, for the duration of a
+/// spawn: otherwise the pipe `std` creates to report `exec` errors could land on it and be
+/// overwritten in the child by the channel.
+pub(crate) fn reserve_fd_number(like: BorrowedFd<'_>, target: RawFd) -> io::Result<OwnedFd> {
+    Ok(rustix::io::fcntl_dupfd_cloexec(like, target)?)
+}
+
+/// Whether the process already took its inherited channel fd (it can only be adopted once).
+static ADOPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Takes ownership of descriptor `raw`, which a parent left open for us as the IPC channel.
+///
+/// Checks that `raw` is an open `AF_UNIX` stream socket, then makes it close-on-exec and
+/// non-blocking, as a Node child does. Succeeds at most once per process.
+pub(crate) fn adopt_inherited_fd(raw: RawFd) -> io::Result<OwnedFd> {
+    if raw < 0 {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "negative file descriptor"));
+    }
+    // SAFETY: fcntl(F_GETFD) only reads the descriptor table; it fails with EBADF for a number
+    // that is not open, in which case we never make a BorrowedFd of it.
+    if unsafe { libc::fcntl(raw, libc::F_GETFD) } < 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("file descriptor {raw} is not open: {}", io::Error::last_os_error()),
+        ));
+    }
+    // SAFETY: `raw` is open (checked just above) and stays open while the borrow lives, because
+    // nothing else in this process closes the descriptor the parent set aside for the channel.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(raw) };
+    if !is_unix_stream_socket(borrowed) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("file descriptor {raw} is not an AF_UNIX stream socket"),
+        ));
+    }
+    if ADOPTED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            "the inherited IPC channel was already taken by this process",
+        ));
+    }
+    // SAFETY: `raw` is open (checked above) and is the descriptor the parent set aside for the
+    // IPC channel (`NODE_CHANNEL_FD`); nothing else in the process owns it by that convention, and
+    // the ADOPTED flag makes sure we create at most one owner.
+    let owned = unsafe { OwnedFd::from_raw_fd(raw) };
+    set_cloexec(owned.as_fd())?;
+    set_nonblocking(owned.as_fd(), true)?;
+    Ok(owned)
+}
+
+/// Removes an environment variable.
+///
+/// Kept here because from Rust 2024 on it is an `unsafe` operation: it races with `getenv` in
+/// other threads. It is called while attaching the inherited channel, which programs do at
+/// start-up before they read their environment elsewhere, as Node does.
+pub(crate) fn remove_env(name: &str) {
+    std::env::remove_var(name);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_common_descriptors() {
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        assert_eq!(classify(tcp.as_fd()).unwrap(), FdKind::TcpListener);
+        let conn = std::net::TcpStream::connect(tcp.local_addr().unwrap()).unwrap();
+        assert_eq!(classify(conn.as_fd()).unwrap(), FdKind::TcpStream);
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        assert_eq!(classify(udp.as_fd()).unwrap(), FdKind::Udp4);
+        let udp6 = std::net::UdpSocket::bind("[::1]:0");
+        if let Ok(udp6) = udp6 {
+            assert_eq!(classify(udp6.as_fd()).unwrap(), FdKind::Udp6);
+        }
+        let (a, _b) = stream_socketpair().unwrap();
+        assert_eq!(classify(a.as_fd()).unwrap(), FdKind::UnixStream);
+        let (d, _e) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        assert_eq!(classify(d.as_fd()).unwrap(), FdKind::UnixDatagram);
+        let (r, _w) = rustix::pipe::pipe().unwrap();
+        assert_eq!(classify(r.as_fd()).unwrap(), FdKind::Fifo);
+        let file = std::fs::File::open("/proc/self/status").unwrap();
+        assert_eq!(classify(file.as_fd()).unwrap(), FdKind::Other);
+    }
+
+    #[test]
+    fn fds_cross_a_socketpair_close_on_exec() {
+        let (a, b) = stream_socketpair().unwrap();
+        let (r, _w) = rustix::pipe::pipe().unwrap();
+        let n = send_with_fds(a.as_fd(), &[IoSlice::new(b"x\n")], &[r.as_fd()]).unwrap();
+        assert_eq!(n, 2);
+        let mut buf = [0u8; 16];
+        let mut fds = Vec::new();
+        let got = recv_with_fds(b.as_fd(), &mut buf, &mut fds).unwrap();
+        assert_eq!(got.len, 2);
+        assert!(!got.control_truncated);
+        assert_eq!(fds.len(), 1);
+        let flags = rustix::io::fcntl_getfd(&fds[0]).unwrap();
+        assert!(flags.contains(rustix::io::FdFlags::CLOEXEC));
+    }
+}
