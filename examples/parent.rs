@@ -1,0 +1,60 @@
+//! The seed's `parent.js` in Rust: listens on 127.0.0.1:P and hands every connection to a child.
+//!
+//! ```text
+//! parent [--port P] [-- CHILD_COMMAND ARGS...]
+//! ```
+//! The default port is 1337 (0 picks a free one); the default child is the `child` example next
+//! to this binary. Any command works, e.g. `-- node child.js`. Prints `listening on ADDR` once
+//! ready, then `curl 127.0.0.1:P` prints `Child handled it.`. Exits when the child exits.
+
+use std::ffi::OsString;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let (port, child_command) = parse_args(std::env::args_os().skip(1))?;
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+    let mut command = match child_command.split_first() {
+        Some((program, args)) => {
+            let mut command = handoff::Command::new(program);
+            command.args(args);
+            command
+        }
+        None => handoff::Command::new(std::env::current_exe()?.with_file_name("child")),
+    };
+    let mut child = command.kill_on_drop(true).spawn()?;
+    println!("listening on {}", listener.local_addr()?);
+    let sender = child.sender().clone();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (socket, _) = accepted?;
+                // child.send('socket', socket): the connection is moved to the child and our
+                // copy closed once the child acknowledges it.
+                if let Err(e) = sender.send_handle(&"socket", socket).await {
+                    eprintln!("parent: could not hand the connection over: {e}");
+                }
+            }
+            status = child.wait() => {
+                let status = status?;
+                eprintln!("parent: child exited with {status}");
+                std::process::exit(status.code().unwrap_or(1));
+            }
+        }
+    }
+}
+
+/// `[--port P] [-- COMMAND ARGS...]`
+fn parse_args(mut args: impl Iterator<Item = OsString>) -> anyhow::Result<(u16, Vec<OsString>)> {
+    let mut port = 1337;
+    while let Some(arg) = args.next() {
+        match arg.to_str() {
+            Some("--port") => {
+                let value = args.next().ok_or_else(|| anyhow::anyhow!("--port needs a value"))?;
+                port = value.to_string_lossy().parse()?;
+            }
+            Some("--") => return Ok((port, args.collect())),
+            _ => anyhow::bail!("usage: parent [--port P] [-- CHILD_COMMAND ARGS...]"),
+        }
+    }
+    Ok((port, Vec::new()))
+}
