@@ -517,7 +517,7 @@ impl Driver {
             in_flight.handle.fail_closed(true);
         }
         drop(self.stream);
-        let _ = self.shared.closed.send(true);
+        self.shared.closed.send_replace(true);
         self.shared.recv_space.notify_one();
     }
 }

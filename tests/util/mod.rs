@@ -2,7 +2,8 @@
 //! timeouts, small TCP/UDP clients.
 //!
 //! Each test file is its own process. A file whose tests count descriptors must run them one at
-//! a time: every test in it takes [`serial`] first.
+//! a time: every test in it runs through [`serial_test`] (or takes [`serial`] first and builds no
+//! runtime before it).
 #![allow(dead_code, unreachable_pub)]
 
 use std::collections::BTreeSet;
@@ -15,6 +16,16 @@ use std::time::{Duration, Instant};
 
 /// Default limit for one awaited step in a test.
 pub const STEP: Duration = Duration::from_secs(20);
+
+/// Runs `test` on a fresh current-thread runtime while holding the [`serial`] lock.
+///
+/// Files whose tests count descriptors use this instead of `#[tokio::test]`, which builds its
+/// runtime (epoll, eventfd: descriptors) before the test body could take the lock, so a queued
+/// test's runtime would show up in another test's count.
+pub fn serial_test<F: Future>(test: F) -> F::Output {
+    let _guard = serial();
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime").block_on(test)
+}
 
 /// Runs the tests of one file one at a time (descriptor counts are per process).
 pub fn serial() -> MutexGuard<'static, ()> {
@@ -97,13 +108,42 @@ pub fn node_script(name: &str) -> PathBuf {
 }
 
 /// An example binary (`cargo test` builds the examples next to the test binaries).
+///
+/// `cargo test --test NAME` alone does not rebuild examples, so an example older than the
+/// library or examples sources is refused rather than silently testing old code.
 pub fn example(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
     // target/<profile>/deps/<test> -> target/<profile>/examples/<name>
     let profile_dir = exe.parent().and_then(|deps| deps.parent()).expect("target dir");
     let path = profile_dir.join("examples").join(name);
-    assert!(path.is_file(), "example {name} not built at {}; run `cargo test` (it builds examples)", path.display());
+    assert!(
+        path.is_file(),
+        "example {name} not built at {}; run `cargo test --workspace` or `cargo build --examples`",
+        path.display()
+    );
+    let built = std::fs::metadata(&path).and_then(|m| m.modified()).expect("mtime");
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let newest_source = newest_mtime(&root.join("src")).max(newest_mtime(&root.join("examples")));
+    assert!(
+        newest_source.is_none_or(|newest| newest <= built),
+        "example {name} is older than the sources; run `cargo build --examples` (or `cargo test \
+         --workspace`, which builds them) before running a single test file"
+    );
     path
+}
+
+fn newest_mtime(dir: &std::path::Path) -> Option<std::time::SystemTime> {
+    let mut newest = None;
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        let mtime = if path.is_dir() {
+            newest_mtime(&path)
+        } else {
+            entry.metadata().and_then(|m| m.modified()).ok()
+        };
+        newest = newest.max(mtime);
+    }
+    newest
 }
 
 /// Connects to `addr`, reads until the peer closes, returns the text.

@@ -1,0 +1,180 @@
+//! Spawning children with a channel, attaching from the child side, and the process lifecycle:
+//! environment, descriptor numbers and flags, exit status, disconnect from either side.
+
+mod util;
+
+use std::process::Stdio;
+
+use handoff::{Command, SendError};
+use serde_json::{json, Value};
+
+async fn next_value(child: &mut handoff::Child) -> Value {
+    util::within("a message from the child", child.recv())
+        .await
+        .expect("channel open")
+        .expect("valid message")
+        .value()
+        .unwrap()
+}
+
+fn probe() -> Command {
+    let mut command = Command::new(util::example("ipc_probe"));
+    command.kill_on_drop(true);
+    command
+}
+
+#[test]
+fn rust_child_round_trip_and_clean_environment() {
+    util::serial_test(async {
+    let mut child = probe().spawn().unwrap();
+    child.send(&json!({"n": 1, "s": "é😀\u{2028}"})).await.unwrap();
+    assert_eq!(next_value(&mut child).await, json!({"echo": {"n": 1, "s": "é😀\u{2028}"}}));
+
+    child.send(&json!({"report": true})).await.unwrap();
+    let report = next_value(&mut child).await;
+    // The child removed the variables, so neither it nor its own children see them.
+    assert_eq!(report["env_fd"], Value::Null);
+    assert_eq!(report["env_mode"], Value::Null);
+    assert_eq!(report["grandchild_env"], "unset:unset");
+    // Its channel is at fd 3 and close-on-exec once attached (the other sockets, if any, are
+    // tokio's own signal pipe, made when the probe spawned the grandchild).
+    let sockets = report["channel_fds"].as_array().unwrap();
+    assert!(sockets.contains(&json!([3, true])), "{sockets:?}");
+    assert!(sockets.iter().all(|s| s[1] == true), "every socket close-on-exec: {sockets:?}");
+    assert_eq!(report["pid"], child.id().unwrap());
+
+    child.disconnect();
+    let status = util::within("child exit", child.wait()).await.unwrap();
+    assert!(status.success(), "{status}");
+    assert!(util::within("end of messages", child.recv()).await.is_none());
+    })
+}
+
+#[test]
+fn channel_on_another_descriptor() {
+    util::serial_test(async {
+    let mut child = probe().channel_fd(7).spawn().unwrap();
+    child.send(&json!({"report": true})).await.unwrap();
+    let report = next_value(&mut child).await;
+    let sockets = report["channel_fds"].as_array().unwrap();
+    assert!(sockets.contains(&json!([7, true])), "{sockets:?}");
+    assert!(!sockets.iter().any(|s| s[0] == 3), "nothing at the default fd: {sockets:?}");
+    child.disconnect();
+    assert!(util::within("child exit", child.wait()).await.unwrap().success());
+    })
+}
+
+#[test]
+fn exit_status_and_disconnect_seen_by_parent() {
+    util::serial_test(async {
+    let mut child = probe().spawn().unwrap();
+    let sender = child.sender().clone();
+    child.send(&json!({"exit": 7})).await.unwrap();
+    let status = util::within("child exit", child.wait()).await.unwrap();
+    assert_eq!(status.code(), Some(7));
+    assert!(util::within("end of messages", child.recv()).await.is_none());
+    util::within("closed", sender.closed()).await;
+    assert!(!child.is_connected());
+    assert!(matches!(child.send(&"late").await, Err(SendError::Closed)));
+    })
+}
+
+#[test]
+fn child_disconnects_first() {
+    util::serial_test(async {
+    let mut child = probe().spawn().unwrap();
+    child.send(&json!({"disconnect": true})).await.unwrap();
+    assert!(util::within("end of messages", child.recv()).await.is_none());
+    util::within("closed", child.sender().closed()).await;
+    assert!(!child.is_connected());
+    assert!(util::within("child exit", child.wait()).await.unwrap().success());
+    })
+}
+
+#[test]
+fn parent_descriptors_return_to_baseline() {
+    util::serial_test(async {
+    // Warm up the runtime's own descriptors (signal pipe for child reaping) before the baseline.
+    let mut warm = probe().spawn().unwrap();
+    warm.disconnect();
+    warm.wait().await.unwrap();
+    drop(warm);
+    let baseline = util::open_fds();
+    for _ in 0..5 {
+        let mut child = probe().spawn().unwrap();
+        child.send(&"ping").await.unwrap();
+        next_value(&mut child).await;
+        child.disconnect();
+        assert!(util::within("child exit", child.wait()).await.unwrap().success());
+    }
+    util::assert_fds_settle_to(&baseline).await;
+    })
+}
+
+#[test]
+fn child_without_a_channel_or_with_a_bad_one() {
+    util::serial_test(async {
+    let run = |env: Option<&str>| {
+        let mut command = std::process::Command::new(util::example("ipc_probe"));
+        command.env_remove("NODE_CHANNEL_FD").stderr(Stdio::piped());
+        if let Some(value) = env {
+            command.env("NODE_CHANNEL_FD", value);
+        }
+        command.output().unwrap()
+    };
+    assert_eq!(run(None).status.code(), Some(3), "no variable: no channel");
+    let not_a_number = run(Some("three"));
+    assert_eq!(not_a_number.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&not_a_number.stderr).contains("not a file descriptor number"));
+    // fd 1 is a pipe here, not a socket.
+    let std_out = {
+        let mut command = std::process::Command::new(util::example("ipc_probe"));
+        command.env("NODE_CHANNEL_FD", "1").stdout(Stdio::piped()).stderr(Stdio::piped());
+        command.output().unwrap()
+    };
+    assert_eq!(std_out.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&std_out.stderr).contains("not an AF_UNIX stream socket"));
+    let closed = run(Some("99"));
+    assert_eq!(closed.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&closed.stderr).contains("not open"));
+    })
+}
+
+#[test]
+fn advanced_serialization_is_refused_clearly() {
+    util::serial_test(async {
+        let Some(node) = util::node() else { return };
+        // A Node parent asking for V8 serialization: the Rust child must refuse with a clear
+        // error instead of misreading the length-prefixed frames as JSON.
+        let script = "const c = require('child_process').spawn(process.argv[1], [], \
+            {stdio: [0, 1, 'pipe', 'ipc'], serialization: 'advanced'}); \
+            let err = ''; c.stderr.on('data', (d) => err += d); \
+            c.on('exit', (code) => { console.log(JSON.stringify({code, err})); });";
+        let output = tokio::process::Command::new(node)
+            .args(["-e", script])
+            .arg(util::example("ipc_probe"))
+            .output()
+            .await
+            .unwrap();
+        let result: Value = serde_json::from_slice(&output.stdout).unwrap();
+        assert_eq!(result["code"], 4, "{result}");
+        let err = result["err"].as_str().unwrap();
+        assert!(err.contains("\"advanced\" serialization"), "{err}");
+    })
+}
+
+#[test]
+fn node_child_on_fd_4() {
+    util::serial_test(async {
+    let Some(_) = util::node() else { return };
+    let script = "process.on('message', (m) => process.send({got: m, fd: process.env.NODE_CHANNEL_FD ?? null}))";
+    let mut child = Command::new("node");
+    child.args(["-e", script]).channel_fd(4).kill_on_drop(true);
+    let mut child = child.spawn().unwrap();
+    child.send(&json!([1, "two", null])).await.unwrap();
+    assert_eq!(next_value(&mut child).await, json!({"got": [1, "two", null], "fd": null}));
+    child.disconnect();
+    let status = util::within("node exit", child.wait()).await.unwrap();
+    assert!(status.success(), "{status}");
+    })
+}
