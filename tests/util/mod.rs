@@ -24,7 +24,12 @@ pub const STEP: Duration = Duration::from_secs(20);
 /// test's runtime would show up in another test's count.
 pub fn serial_test<F: Future>(test: F) -> F::Output {
     let _guard = serial();
-    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime").block_on(test)
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let output = runtime.block_on(test);
+    // Closed here, while the lock is still held (a temporary in the tail expression would only
+    // be dropped after `_guard`).
+    drop(runtime);
+    output
 }
 
 /// Runs the tests of one file one at a time (descriptor counts are per process).

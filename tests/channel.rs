@@ -1,0 +1,174 @@
+//! The channel API between two in-process ends: typed messages, reserved commands, internal
+//! observers, ordering, large messages, disconnect and drop, and where received handles go when
+//! nobody takes them.
+
+mod util;
+
+use handoff::channel::InternalMessage;
+use handoff::{Channel, ChannelConfig, RecvError, SendError};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+struct Job {
+    id: u32,
+    name: String,
+    tags: Vec<String>,
+}
+
+#[test]
+fn typed_messages_round_trip() {
+    util::serial_test(async {
+        let (a, mut b) = Channel::pair().unwrap();
+        let job = Job { id: 7, name: "é😀".into(), tags: vec!["x".into()] };
+        a.send(&job).await.unwrap();
+        let (got, handle) = util::within("job", b.recv_as::<Job>()).await.unwrap().unwrap();
+        assert_eq!(got, job);
+        assert!(handle.is_none());
+    })
+}
+
+#[test]
+fn a_message_of_the_wrong_shape_is_returned_whole_with_its_handle() {
+    util::serial_test(async {
+        let baseline = util::open_fds();
+        let (a, mut b) = Channel::pair().unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        a.send_handle(&json!({"not": "a job"}), listener).await.unwrap();
+        match util::within("message", b.recv_as::<Job>()).await.unwrap() {
+            Err(RecvError::Deserialize { mut message, .. }) => {
+                assert_eq!(message.value().unwrap(), json!({"not": "a job"}));
+                let listener: std::net::TcpListener = message.take_handle().unwrap().into().unwrap();
+                assert!(listener.local_addr().is_ok());
+            }
+            other => panic!("expected a Deserialize error, got {other:?}"),
+        }
+        drop((a, b));
+        util::assert_fds_settle_to(&baseline).await;
+    })
+}
+
+#[test]
+fn internal_commands_are_refused_or_observed_never_delivered() {
+    util::serial_test(async {
+        let (a, mut b) = Channel::pair().unwrap();
+        for reserved in [json!({"cmd": "NODE_HANDLE_ACK"}), json!({"cmd": "NODE_X", "a": 1})] {
+            match a.send(&reserved).await {
+                Err(SendError::Reserved { cmd }) => assert_eq!(cmd, reserved["cmd"]),
+                other => panic!("expected Reserved, got {other:?}"),
+            }
+        }
+        // Only unmanaged internal commands may be sent explicitly.
+        for refused in [json!({"cmd": "NODE_HANDLE_ACK"}), json!({"cmd": "NODE_SOCKET_COUNT"}), json!({"cmd": "user"})] {
+            assert!(matches!(a.sender().send_internal(&refused).await, Err(SendError::Reserved { .. })));
+        }
+        let mut observer = b.sender().internal_messages();
+        a.sender().send_internal(&json!({"cmd": "NODE_CUSTOM", "x": 1})).await.unwrap();
+        // Look-alikes are ordinary messages (Node's rule: prefix NODE_ and longer than 5).
+        for ordinary in [json!({"cmd": "NODE_"}), json!({"cmd": "fooNODE_"}), json!({"cmd": 5}), json!({"x": {"cmd": "NODE_Y"}})] {
+            a.send(&ordinary).await.unwrap();
+            let got = util::within("message", b.recv()).await.unwrap().unwrap();
+            assert_eq!(got.value().unwrap(), ordinary);
+        }
+        let InternalMessage { value, had_fd } = util::within("observer", observer.recv()).await.unwrap();
+        assert_eq!(value, json!({"cmd": "NODE_CUSTOM", "x": 1}));
+        assert!(!had_fd);
+    })
+}
+
+#[test]
+fn order_is_kept_across_sender_clones_and_large_messages() {
+    util::serial_test(async {
+        let (a, mut b) = Channel::pair().unwrap();
+        let big = "x".repeat(32 * 1024 * 1024);
+        let sender = a.sender().clone();
+        let writer = tokio::spawn(async move {
+            for i in 0..1000u32 {
+                sender.send(&json!({"i": i})).await.unwrap();
+                if i == 500 {
+                    sender.send(&big).await.unwrap();
+                }
+            }
+        });
+        for i in 0..1000u32 {
+            let got = util::within("message", b.recv()).await.unwrap().unwrap();
+            assert_eq!(got.value().unwrap(), json!({"i": i}));
+            if i == 500 {
+                let got = util::within("big message", b.recv()).await.unwrap().unwrap();
+                assert_eq!(got.json().len(), 32 * 1024 * 1024 + 2);
+            }
+        }
+        writer.await.unwrap();
+    })
+}
+
+#[test]
+fn disconnect_ends_both_sides_and_later_sends_fail() {
+    util::serial_test(async {
+        let baseline = util::open_fds();
+        let (a, mut b) = Channel::pair().unwrap();
+        a.send(&"last words").await.unwrap();
+        a.disconnect();
+        a.disconnect(); // a second call does nothing
+        assert!(!a.is_connected());
+        assert!(matches!(a.send(&"too late").await, Err(SendError::Closed)));
+        // What was queued before disconnect() still arrives, then the stream ends.
+        let got = util::within("last words", b.recv()).await.unwrap().unwrap();
+        assert_eq!(got.value().unwrap(), "last words");
+        assert!(util::within("end", b.recv()).await.is_none());
+        util::within("b closed", b.sender().closed()).await;
+        assert!(!b.is_connected());
+        assert!(matches!(b.send(&"anyone?").await, Err(SendError::Closed)));
+        util::within("a closed", a.sender().closed()).await;
+        drop((a, b));
+        util::assert_fds_settle_to(&baseline).await;
+    })
+}
+
+#[test]
+fn dropping_a_channel_closes_it_after_writing_what_was_queued() {
+    util::serial_test(async {
+        let (a, mut b) = Channel::pair().unwrap();
+        for i in 0..100 {
+            a.send(&i).await.unwrap();
+        }
+        drop(a);
+        for i in 0..100 {
+            let got = util::within("message", b.recv()).await.unwrap().unwrap();
+            assert_eq!(got.value().unwrap(), i);
+        }
+        assert!(util::within("end", b.recv()).await.is_none());
+    })
+}
+
+#[test]
+fn handles_nobody_reads_are_closed_with_the_channel() {
+    util::serial_test(async {
+        let baseline = util::open_fds();
+        let (a, b) = Channel::pair().unwrap();
+        let (sender_b, receiver_b) = b.split();
+        drop(receiver_b); // nobody reads b: its handles must be closed, not kept
+        for _ in 0..50 {
+            let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            a.send_handle(&"udp", socket).await.unwrap();
+        }
+        // b still acknowledges (its driver runs while its sender lives)...
+        a.send(&"still alive").await.unwrap();
+        a.sender().flush().await.unwrap();
+        drop(sender_b);
+        drop(a);
+        util::assert_fds_settle_to(&baseline).await;
+    })
+}
+
+#[test]
+fn flush_waits_for_the_bytes_to_be_written() {
+    util::serial_test(async {
+        let (a, mut b) = Channel::pair_with_config(ChannelConfig::default().send_buffer(1024)).unwrap();
+        let payload = "y".repeat(100_000);
+        a.send(&payload).await.unwrap();
+        let reader = tokio::spawn(async move { b.recv().await.unwrap().unwrap().json().len() });
+        util::within("flush", a.sender().flush()).await.unwrap();
+        assert_eq!(reader.await.unwrap(), 100_002);
+    })
+}
