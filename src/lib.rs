@@ -12,6 +12,8 @@
 //! - [`handle`]: one conversion per handle type ([`handle::Handle`]).
 //! - [`process`]: spawn a child with a channel ([`Command`]), or attach to the parent's
 //!   ([`process::parent_channel`]).
+//! - [`server`]: a listener whose connection count and `close()` stay true after its
+//!   connections were handed to other processes (Node's socket lists).
 //!
 //! ```no_run
 //! # #[tokio::main] async fn main() -> anyhow::Result<()> {
@@ -45,6 +47,7 @@
 pub mod channel;
 pub mod handle;
 pub mod process;
+pub mod server;
 #[allow(unsafe_code)]
 mod sys;
 

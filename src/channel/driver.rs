@@ -24,6 +24,7 @@ use std::sync::Arc;
 use tokio::io::Interest;
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
 use super::envelope::{self, HandleEnvelope};
 use super::frame::{Decoded, Decoder, Frame};
@@ -32,7 +33,9 @@ use super::{
     Shared,
 };
 use crate::handle::{DgramType, HandleType, ReceivedHandle};
+use crate::server::socket_list::{ReceiveLists, ReplyKind};
 use crate::sys;
+use serde_json::json;
 
 /// Size of the read buffer: one `recvmsg` takes at most this much.
 const READ_CHUNK: usize = 256 * 1024;
@@ -42,6 +45,8 @@ const READS_PER_WAKE: usize = 16;
 const MAX_IOVECS: usize = 128;
 /// Most bytes gathered into one `sendmsg`.
 const MAX_GATHER_BYTES: usize = 1024 * 1024;
+/// How often pending `NODE_SOCKET_NOTIFY_CLOSE` requests are re-checked.
+const CLOSE_POLL: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// A handle that has been queued and not yet acknowledged.
 #[derive(Debug)]
@@ -103,6 +108,10 @@ pub(crate) struct Driver {
     disconnecting: bool,
     /// Set when the socket is done (EOF, error, or disconnect completed).
     finished: bool,
+    /// Server sockets received over this channel, per key (Node's `SocketListReceive`).
+    socket_lists: ReceiveLists,
+    /// When pending close requests are next re-checked.
+    next_close_check: Instant,
 }
 
 impl Driver {
@@ -130,12 +139,18 @@ impl Driver {
             handles_outstanding: 0,
             disconnecting: false,
             finished: false,
+            socket_lists: ReceiveLists::default(),
+            next_close_check: Instant::now(),
         }
     }
 
     pub(crate) async fn run(mut self) {
         loop {
             self.absorb_commands();
+            if self.socket_lists.has_close_requests() && Instant::now() >= self.next_close_check {
+                self.answer_closed_lists();
+                self.next_close_check = Instant::now() + CLOSE_POLL;
+            }
             if let Err(e) = self.write_ready() {
                 self.report(RecvError::Io(e));
                 break;
@@ -165,6 +180,7 @@ impl Driver {
                     self.read_ready();
                 }
                 _ = self.shared.recv_space.notified(), if recv_full => {}
+                _ = tokio::time::sleep_until(self.next_close_check), if self.socket_lists.has_close_requests() => {}
                 _ = self.messages.closed(), if !self.messages.is_closed() => {}
             }
         }
@@ -410,6 +426,8 @@ impl Driver {
             "NODE_HANDLE" => self.on_handle_frame(frame),
             "NODE_HANDLE_ACK" => self.on_ack(),
             "NODE_HANDLE_NACK" => self.on_nack(),
+            "NODE_SOCKET_GET_COUNT" | "NODE_SOCKET_NOTIFY_CLOSE" | "NODE_SOCKET_COUNT"
+            | "NODE_SOCKET_ALL_CLOSED" => self.on_socket_list(cmd, &frame.text),
             // Other internal commands are not for user code; those handoff does not speak are
             // dropped, as a Node receiver drops internal messages it has no listener for.
             _ => {}
@@ -476,7 +494,55 @@ impl Driver {
         self.write_queue.push_back(Outgoing { bytes, handle: Some(handle), _permit: None, written: None });
     }
 
+    /// Node's socket-list protocol (protocol doc §6).
+    fn on_socket_list(&mut self, cmd: &str, text: &str) {
+        #[derive(serde::Deserialize)]
+        struct SocketListMessage {
+            key: String,
+            #[serde(default)]
+            count: usize,
+        }
+        let Ok(message) = serde_json::from_str::<SocketListMessage>(text) else {
+            tracing::debug!(text, "ignoring a socket-list message without a string key");
+            return;
+        };
+        let key = message.key;
+        match cmd {
+            "NODE_SOCKET_GET_COUNT" => {
+                let count = self.socket_lists.count(&key);
+                self.push_socket_list_reply(json!({"cmd": "NODE_SOCKET_COUNT", "key": key, "count": count}));
+            }
+            "NODE_SOCKET_NOTIFY_CLOSE" => {
+                self.next_close_check = Instant::now() + CLOSE_POLL;
+                if self.socket_lists.request_close(&key) {
+                    self.push_socket_list_reply(json!({"cmd": "NODE_SOCKET_ALL_CLOSED", "key": key}));
+                }
+            }
+            "NODE_SOCKET_COUNT" => self.shared.replies.resolve(ReplyKind::Count, &key, message.count),
+            _ => self.shared.replies.resolve(ReplyKind::AllClosed, &key, 0),
+        }
+    }
+
+    /// Answers the close requests whose sockets have all closed since they were asked.
+    fn answer_closed_lists(&mut self) {
+        for key in self.socket_lists.now_closed() {
+            self.push_socket_list_reply(json!({"cmd": "NODE_SOCKET_ALL_CLOSED", "key": key}));
+        }
+    }
+
+    fn push_socket_list_reply(&mut self, reply: serde_json::Value) {
+        let bytes = super::frame::encode(&reply).expect("a JSON value always serializes");
+        self.write_queue.push_back(Outgoing { bytes, handle: None, _permit: None, written: None });
+    }
+
     fn deliver(&mut self, message: Message) {
+        if let Some(handle) = &message.handle {
+            if let (HandleType::NetSocket, Some(key)) = (handle.handle_type, &handle.key) {
+                if let Ok(inode) = sys::inode(handle.fd.as_fd()) {
+                    self.socket_lists.add(key, inode);
+                }
+            }
+        }
         if self.messages.is_closed() {
             return; // nobody will read it; its handle (if any) is closed here
         }
@@ -517,6 +583,7 @@ impl Driver {
             in_flight.handle.fail_closed(true);
         }
         drop(self.stream);
+        self.shared.replies.close();
         self.shared.closed.send_replace(true);
         self.shared.recv_space.notify_one();
     }

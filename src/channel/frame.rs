@@ -147,7 +147,8 @@ impl Default for Decoder {
 }
 
 impl Decoder {
-    /// A decoder that refuses lines longer than `max_frame_len` bytes (terminator excluded).
+    /// A decoder that refuses lines longer than `max_frame_len` bytes, counting every byte before
+    /// the `\n` (so the `\r` of a `\r\n` ending counts).
     pub fn new(max_frame_len: usize) -> Decoder {
         Decoder { max_frame_len, partial: Vec::new(), partial_fds: Vec::new(), skipping: false }
     }

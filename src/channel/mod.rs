@@ -260,6 +260,10 @@ struct Shared {
     recv_queued: AtomicUsize,
     recv_space: Notify,
     internal: broadcast::Sender<InternalMessage>,
+    /// Socket-list requests awaiting the peer's reply.
+    replies: crate::server::socket_list::Replies,
+    /// Who is at the other end, for error messages ("child process 1234").
+    peer: std::sync::OnceLock<String>,
 }
 
 /// A queued frame and what to do once it is written.
@@ -342,6 +346,8 @@ impl Channel {
             recv_queued: AtomicUsize::new(0),
             recv_space: Notify::new(),
             internal: broadcast::channel(256).0,
+            replies: Default::default(),
+            peer: std::sync::OnceLock::new(),
         });
         let (commands, command_rx) = mpsc::unbounded_channel();
         let (message_tx, messages) = mpsc::unbounded_channel();
@@ -472,8 +478,12 @@ impl Sender {
         message: &T,
         handle: impl IntoWire,
     ) -> Result<Delivery, SendError> {
-        let wire = handle.into_wire_handle()?;
+        let mut wire = handle.into_wire_handle()?;
         let msg = serde_json::to_vec(message).map_err(SendError::Serialize)?;
+        if let Some(server) = wire.server.take() {
+            // First keyed socket on this channel: the server will ask it for counts.
+            server.add_channel(self);
+        }
         let bytes = envelope::encode_handle(&msg, &wire);
         let (done, delivery) = oneshot::channel();
         let pending = driver::PendingHandle::new(wire.fd, done);
@@ -519,6 +529,43 @@ impl Sender {
     /// oldest.
     pub fn internal_messages(&self) -> broadcast::Receiver<InternalMessage> {
         self.shared.internal.subscribe()
+    }
+
+    /// Who is at the other end of the channel, as error messages name it.
+    pub fn peer(&self) -> &str {
+        self.shared.peer.get().map_or("the peer process", String::as_str)
+    }
+
+    pub(crate) fn set_peer(&self, peer: String) {
+        let _ = self.shared.peer.set(peer);
+    }
+
+    /// Whether `other` feeds the same channel.
+    pub(crate) fn same_channel(&self, other: &Sender) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+
+    /// Whether the channel's socket is closed (not just disconnecting).
+    pub(crate) fn is_closed(&self) -> bool {
+        *self.shared.closed.borrow()
+    }
+
+    /// Sends a socket-list request (`NODE_SOCKET_GET_COUNT` or `NODE_SOCKET_NOTIFY_CLOSE`) for
+    /// `key` and waits for its reply. `None` if the channel closes first.
+    pub(crate) async fn socket_list_request(
+        &self,
+        kind: crate::server::socket_list::ReplyKind,
+        key: &str,
+    ) -> Option<usize> {
+        use crate::server::socket_list::ReplyKind;
+        let reply = self.shared.replies.wait(kind, key)?;
+        let cmd = match kind {
+            ReplyKind::Count => "NODE_SOCKET_GET_COUNT",
+            ReplyKind::AllClosed => "NODE_SOCKET_NOTIFY_CLOSE",
+        };
+        let bytes = frame::encode(&serde_json::json!({ "cmd": cmd, "key": key })).ok()?;
+        self.enqueue(bytes, None, None).await.ok()?;
+        reply.await.ok()
     }
 
     async fn enqueue(

@@ -143,6 +143,9 @@ pub struct WireHandle {
     pub(crate) fd: OwnedFd,
     pub(crate) key: Option<String>,
     pub(crate) dgram_type: Option<DgramType>,
+    /// The server whose connection this is: the channel it goes out on joins that server's
+    /// socket lists (Node's `SocketListSend`).
+    pub(crate) server: Option<std::sync::Arc<crate::server::ServerState>>,
 }
 
 impl WireHandle {
@@ -155,7 +158,17 @@ impl WireHandle {
         }
         let dgram_type =
             if handle_type == HandleType::DgramSocket { DgramType::of(kind) } else { None };
-        Ok(WireHandle { handle_type, fd, key: None, dgram_type })
+        Ok(WireHandle::trusted(handle_type, fd, dgram_type))
+    }
+
+    /// Describes `fd` without asking the kernel: for types whose descriptor kind the type
+    /// system already guarantees.
+    pub(crate) fn trusted(
+        handle_type: HandleType,
+        fd: OwnedFd,
+        dgram_type: Option<DgramType>,
+    ) -> WireHandle {
+        WireHandle { handle_type, fd, key: None, dgram_type, server: None }
     }
 
     /// Sets the server connection key written in the envelope (`net.Socket` only): the receiver
@@ -435,6 +448,7 @@ impl<T: Handle> Handle for Native<T> {
         };
         wire.key = None;
         wire.dgram_type = None;
+        wire.server = None;
         Ok(wire)
     }
     fn from_received(handle: ReceivedHandle) -> Result<Self, ConvertError> {

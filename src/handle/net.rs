@@ -14,12 +14,7 @@ macro_rules! socket_handle {
             fn into_wire(self) -> Result<$crate::handle::WireHandle, $crate::handle::HandleError> {
                 let describe: fn(&$std) -> Option<$crate::handle::DgramType> = $describe;
                 let dgram_type = describe(&self);
-                Ok($crate::handle::WireHandle {
-                    handle_type: $wire,
-                    fd: std::os::fd::OwnedFd::from(self),
-                    key: None,
-                    dgram_type,
-                })
+                Ok($crate::handle::WireHandle::trusted($wire, std::os::fd::OwnedFd::from(self), dgram_type))
             }
             fn from_received(
                 handle: $crate::handle::ReceivedHandle,
@@ -36,12 +31,7 @@ macro_rules! socket_handle {
                 dup: std::os::fd::OwnedFd,
             ) -> Result<$crate::handle::WireHandle, $crate::handle::HandleError> {
                 let describe: fn(&$std) -> Option<$crate::handle::DgramType> = $describe;
-                Ok($crate::handle::WireHandle {
-                    handle_type: $wire,
-                    fd: dup,
-                    key: None,
-                    dgram_type: describe(self),
-                })
+                Ok($crate::handle::WireHandle::trusted($wire, dup, describe(self)))
             }
         }
 
@@ -70,12 +60,7 @@ macro_rules! socket_handle {
                 let std = <$std>::from(dup);
                 let describe: fn(&$std) -> Option<$crate::handle::DgramType> = $describe;
                 let dgram_type = describe(&std);
-                Ok($crate::handle::WireHandle {
-                    handle_type: $wire,
-                    fd: std::os::fd::OwnedFd::from(std),
-                    key: None,
-                    dgram_type,
-                })
+                Ok($crate::handle::WireHandle::trusted($wire, std::os::fd::OwnedFd::from(std), dgram_type))
             }
         }
     };

@@ -150,6 +150,9 @@ impl Command {
         drop(theirs);
         let process = spawned?;
         let channel = Channel::with_config(ours, self.config.clone())?;
+        if let Some(pid) = process.id() {
+            channel.sender().set_peer(format!("child process {pid}"));
+        }
         Ok(Child { process, channel })
     }
 }
@@ -270,5 +273,7 @@ pub fn parent_channel_with_config(config: ChannelConfig) -> io::Result<Option<Ch
         )
     })?;
     let owned = sys::adopt_inherited_fd(fd)?;
-    Channel::with_config(owned, config).map(Some)
+    let channel = Channel::with_config(owned, config)?;
+    channel.sender().set_peer(format!("parent process {}", std::os::unix::process::parent_id()));
+    Ok(Some(channel))
 }

@@ -191,6 +191,27 @@ pub(crate) fn set_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
     Ok(rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::CLOEXEC)?)
 }
 
+/// The inode of the object behind `fd` (unique among live sockets).
+pub(crate) fn inode(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    Ok(rustix::fs::fstat(fd)?.st_ino)
+}
+
+/// The inodes of every socket this process has a descriptor for, read from `/proc/self/fd`
+/// (each entry links to `socket:[INODE]`).
+pub(crate) fn open_socket_inodes() -> std::collections::HashSet<u64> {
+    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
+        return std::collections::HashSet::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let target = std::fs::read_link(entry.path()).ok()?;
+            let target = target.to_str()?;
+            target.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+        })
+        .collect()
+}
+
 /// Returns whether `raw` is an open descriptor of an `AF_UNIX` stream socket.
 fn is_unix_stream_socket(fd: BorrowedFd<'_>) -> bool {
     matches!(classify(fd), Ok(FdKind::UnixStream))

@@ -1,0 +1,45 @@
+//! A child that serves every socket it is handed as an echo server: it writes back what it reads
+//! until the client closes.
+//!
+//! Works under a handoff parent (`cargo run --example get_connections`) and under Node's
+//! `child_process.fork` / `spawn(..., {stdio: [0, 1, 2, 'ipc']})`. When the parent closes the
+//! channel it finishes the sessions in progress, then exits 0.
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let Some(mut parent) = handoff::process::parent_channel()? else {
+        eprintln!("echo_child: no IPC channel; start me from a handoff or Node parent");
+        std::process::exit(2);
+    };
+    let mut sessions = tokio::task::JoinSet::new();
+    while let Some(received) = parent.recv().await {
+        let handle = match received {
+            Ok(mut message) => message.take_handle(),
+            Err(e) => {
+                eprintln!("echo_child: {e}");
+                continue;
+            }
+        };
+        let Some(handle) = handle else { continue };
+        match handle.kind() {
+            handoff::handle::FdKind::UnixStream => {
+                let socket: tokio::net::UnixStream = handle.into()?;
+                sessions.spawn(echo(socket));
+            }
+            _ => match handle.into::<tokio::net::TcpStream>() {
+                Ok(socket) => {
+                    sessions.spawn(echo(socket));
+                }
+                Err(e) => eprintln!("echo_child: {e}"),
+            },
+        }
+    }
+    while sessions.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// Copies what the client sends back to it; returns when the client closes.
+async fn echo<S: tokio::io::AsyncRead + tokio::io::AsyncWrite>(socket: S) {
+    let (mut reader, mut writer) = tokio::io::split(socket);
+    let _ = tokio::io::copy(&mut reader, &mut writer).await;
+}

@@ -1,0 +1,426 @@
+//! Servers that keep count across processes: Node's `server.getConnections()` and
+//! `server.close()` after the server's connections were handed to other processes.
+//!
+//! A [`Server`] accepts [`Connection`]s and counts those alive in this process. Sending one over a
+//! channel (by value, like Node without `keepOpen`) takes it off the local count and puts the
+//! server's connection key in the `NODE_HANDLE` envelope; the receiving process — handoff or Node
+//! — files the socket under that key. The first such send on a channel adds the channel to the
+//! server's list (Node's `SocketListSend`), so that:
+//!
+//! - [`Server::get_connections`] = local count + every channel's answer to
+//!   `NODE_SOCKET_GET_COUNT`;
+//! - [`Server::close`] stops accepting at once, sends `NODE_SOCKET_NOTIFY_CLOSE` on every
+//!   channel, and resolves once every channel answered `NODE_SOCKET_ALL_CLOSED` (or closed) *and*
+//!   the local connections are gone.
+//!
+//! The receiving half (Node's `SocketListReceive`) runs inside every channel and needs nothing
+//! from user code: a received socket counts while any descriptor of the process refers to it,
+//! whatever type it was converted into (see [`socket_list`]).
+//!
+//! # Where this differs from Node
+//! - `close()` also waits for the server's own connections (Node's `close` with workers stops
+//!   counting them once the workers answered).
+//! - A channel that closed counts as answered for `close()`, and is dropped from the list, so a
+//!   dead child never makes `close()` or `get_connections()` hang. A child that goes away while
+//!   a `get_connections()` request is in flight gives [`ServerError::ChildClosedBeforeReply`]
+//!   naming it; asked again, the count no longer includes it.
+//! - A handoff receiver answers requests for a key it never received (0 / all closed); Node does
+//!   not answer them at all.
+//! - [`Server::bind`] keys a server by the port it got, not the one asked for, so servers bound
+//!   to port 0 do not share a key (in Node they do, and count each other's connections).
+//! - Sent with [`KeepOpen`](crate::handle::KeepOpen), a connection is counted by both processes
+//!   (as in Node), so `get_connections()` counts each process's copy, and `close()` waits for
+//!   both copies to close — the connection is open until both are.
+//!
+//! # Examples
+//! ```no_run
+//! # #[tokio::main] async fn main() -> anyhow::Result<()> {
+//! let server = handoff::server::Server::bind("127.0.0.1:0".parse()?).await?;
+//! let child = handoff::Command::new("node").arg("echo_child.js").spawn()?;
+//! let connection = server.accept().await?;
+//! child.send_handle(&"socket", connection).await?;
+//! println!("{} connection(s)", server.get_connections().await?); // counts the child's too
+//! server.close().await?; // resolves once the child has closed it
+//! # Ok(()) }
+//! ```
+
+pub(crate) mod socket_list;
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::sync::watch;
+
+use crate::handle::{ConvertError, Handle, HandleError, HandleType, ReceivedHandle, Shareable, WireHandle};
+use crate::Sender;
+use socket_list::ReplyKind;
+
+/// Node's connection key for a server listening on `addr`: `<4|6>:<address>:<port>`.
+///
+/// Node builds it from the arguments given to `listen()`, so a Node server started on port 0
+/// keeps port 0 in its key (`4:127.0.0.1:0`).
+pub fn connection_key(addr: &SocketAddr) -> String {
+    let family = if addr.is_ipv4() { 4 } else { 6 };
+    format!("{family}:{}:{}", addr.ip(), addr.port())
+}
+
+/// Node's connection key for a server on the Unix socket `path`: `-1:<path>:-1`.
+pub fn unix_connection_key(path: &Path) -> String {
+    format!("-1:{}:-1", path.display())
+}
+
+/// Why a cross-process count or close failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// A process holding this server's connections closed its channel before answering
+    /// (Node's `ERR_CHILD_CLOSED_BEFORE_REPLY`). Asking again leaves it out.
+    #[error(
+        "{peer} closed its channel before answering how many of this server's connections it \
+         holds (ERR_CHILD_CLOSED_BEFORE_REPLY); ask again to count without it"
+    )]
+    ChildClosedBeforeReply {
+        /// The process, e.g. `child process 1234`.
+        peer: String,
+    },
+    /// `close()` was already called (Node's `ERR_SERVER_NOT_RUNNING`).
+    #[error("the server is already closed or closing (ERR_SERVER_NOT_RUNNING)")]
+    NotRunning,
+}
+
+/// Shared by a server, its connections, and the channels that carry them.
+#[derive(Debug)]
+pub(crate) struct ServerState {
+    key: String,
+    /// Connections alive in this process.
+    own: watch::Sender<usize>,
+    /// Channels that were sent at least one of this server's connections.
+    channels: Mutex<Vec<Sender>>,
+}
+
+impl ServerState {
+    /// Adds the channel to the server's list, once; forgets closed channels on the way.
+    pub(crate) fn add_channel(&self, sender: &Sender) {
+        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        channels.retain(|c| !c.is_closed());
+        if !channels.iter().any(|c| c.same_channel(sender)) {
+            channels.push(sender.clone());
+        }
+    }
+
+    /// The channels still open.
+    fn live_channels(&self) -> Vec<Sender> {
+        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        channels.retain(|c| !c.is_closed());
+        channels.clone()
+    }
+
+    fn count_one(self: &Arc<Self>) -> CountGuard {
+        self.own.send_modify(|n| *n += 1);
+        CountGuard(self.clone())
+    }
+}
+
+/// Keeps one connection in its server's local count while it lives.
+#[derive(Debug)]
+struct CountGuard(Arc<ServerState>);
+
+impl Drop for CountGuard {
+    fn drop(&mut self) {
+        self.0.own.send_modify(|n| *n -= 1);
+    }
+}
+
+#[derive(Debug)]
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+/// A listening TCP or Unix socket whose connections are counted across processes. See the
+/// [module docs](self).
+#[derive(Debug)]
+pub struct Server {
+    listener: Mutex<Option<Arc<Listener>>>,
+    closing: AtomicBool,
+    stop: watch::Sender<bool>,
+    local_addr: Option<SocketAddr>,
+    state: Arc<ServerState>,
+}
+
+impl Server {
+    /// Listens on `addr`. The key is [`connection_key`] of the address actually bound: with port
+    /// 0 it names the port the system picked, where Node would keep `0` — so two servers on
+    /// port 0 get different keys and never count each other's connections (a Node quirk,
+    /// protocol doc §10.9). Use [`Server::from_tcp`] to choose the key.
+    pub async fn bind(addr: SocketAddr) -> io::Result<Server> {
+        let listener = TcpListener::bind(addr).await?;
+        let key = connection_key(&listener.local_addr()?);
+        Ok(Server::from_tcp(listener, key))
+    }
+
+    /// Listens on the Unix socket `path`; the key is
+    /// [`unix_connection_key(path)`](unix_connection_key). Needs a tokio runtime.
+    pub fn bind_unix(path: impl AsRef<Path>) -> io::Result<Server> {
+        let listener = UnixListener::bind(path.as_ref())?;
+        Ok(Server::from_unix(listener, unix_connection_key(path.as_ref())))
+    }
+
+    /// Wraps a TCP listener, with the key a Node peer should file its connections under.
+    pub fn from_tcp(listener: TcpListener, key: impl Into<String>) -> Server {
+        let local_addr = listener.local_addr().ok();
+        Server::new(Listener::Tcp(listener), local_addr, key.into())
+    }
+
+    /// Wraps a Unix listener, with the key a Node peer should file its connections under.
+    pub fn from_unix(listener: UnixListener, key: impl Into<String>) -> Server {
+        Server::new(Listener::Unix(listener), None, key.into())
+    }
+
+    fn new(listener: Listener, local_addr: Option<SocketAddr>, key: String) -> Server {
+        Server {
+            listener: Mutex::new(Some(Arc::new(listener))),
+            closing: AtomicBool::new(false),
+            stop: watch::channel(false).0,
+            local_addr,
+            state: Arc::new(ServerState {
+                key,
+                own: watch::channel(0).0,
+                channels: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
+    /// The connection key written in the envelope of every connection sent.
+    pub fn key(&self) -> &str {
+        &self.state.key
+    }
+
+    /// The TCP address it listens on (`None` for a Unix socket).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.local_addr
+    }
+
+    /// Connections of this server alive in this process (not counting other processes).
+    pub fn local_connections(&self) -> usize {
+        *self.state.own.borrow()
+    }
+
+    /// Accepts the next connection. After [`close`](Server::close) it fails with
+    /// `ErrorKind::NotConnected`.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: no connection is lost if the future is dropped.
+    pub async fn accept(&self) -> io::Result<Connection> {
+        let listener = self
+            .listener
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(not_running)?;
+        let mut stop = self.stop.subscribe();
+        let stream = tokio::select! {
+            accepted = accept(&listener) => accepted?,
+            _ = stop.wait_for(|stopped| *stopped) => return Err(not_running()),
+        };
+        Ok(Connection { stream, guard: Some(self.state.count_one()) })
+    }
+
+    /// Counts this server's connections in this process and in every process it sent some to.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: dropping it abandons the requests (replies are then ignored).
+    pub async fn get_connections(&self) -> Result<usize, ServerError> {
+        let own = self.local_connections();
+        let mut requests = tokio::task::JoinSet::new();
+        for channel in self.state.live_channels() {
+            let key = self.state.key.clone();
+            requests.spawn(async move {
+                let count = channel.socket_list_request(ReplyKind::Count, &key).await;
+                count.ok_or_else(|| ServerError::ChildClosedBeforeReply { peer: channel.peer().to_owned() })
+            });
+        }
+        let mut total = own;
+        while let Some(joined) = requests.join_next().await {
+            total += joined.expect("socket-list requests do not panic")?;
+        }
+        Ok(total)
+    }
+
+    /// Stops accepting at once, then waits until every connection of this server — here and in
+    /// every process it was sent to — is closed. A process that exits (its channel closes)
+    /// counts as having closed them. A second call returns [`ServerError::NotRunning`].
+    ///
+    /// # Cancel safety
+    /// The server stops accepting as soon as this is first polled, whether or not it completes.
+    pub async fn close(&self) -> Result<(), ServerError> {
+        if self.closing.swap(true, Ordering::SeqCst) {
+            return Err(ServerError::NotRunning);
+        }
+        self.listener.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.stop.send_replace(true);
+        // Channels can still join while we wait (a connection held here may be sent on), so
+        // repeat until a round finds no channel that was not asked yet.
+        let mut asked: Vec<Sender> = Vec::new();
+        loop {
+            let fresh: Vec<Sender> = self
+                .state
+                .live_channels()
+                .into_iter()
+                .filter(|c| !asked.iter().any(|a| a.same_channel(c)))
+                .collect();
+            if fresh.is_empty() {
+                break;
+            }
+            let mut requests = tokio::task::JoinSet::new();
+            for channel in &fresh {
+                let (channel, key) = (channel.clone(), self.state.key.clone());
+                // A closed channel answers `None`: its process holds nothing any more.
+                requests.spawn(async move { channel.socket_list_request(ReplyKind::AllClosed, &key).await });
+            }
+            while requests.join_next().await.is_some() {}
+            asked.extend(fresh);
+        }
+        let mut own = self.state.own.subscribe();
+        let _ = own.wait_for(|n| *n == 0).await;
+        Ok(())
+    }
+}
+
+fn not_running() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "the server is closed")
+}
+
+async fn accept(listener: &Listener) -> io::Result<Stream> {
+    Ok(match listener {
+        Listener::Tcp(l) => Stream::Tcp(l.accept().await?.0),
+        Listener::Unix(l) => Stream::Unix(l.accept().await?.0),
+    })
+}
+
+/// A connection's socket: TCP or Unix.
+#[derive(Debug)]
+pub enum Stream {
+    /// A TCP connection.
+    Tcp(TcpStream),
+    /// A Unix-socket connection.
+    Unix(UnixStream),
+}
+
+/// A connection accepted by a [`Server`], counted while it lives in this process.
+///
+/// Read and write it directly (it implements tokio's `AsyncRead` and `AsyncWrite`), or hand it
+/// to another process with [`Sender::send_handle`](crate::Sender::send_handle): sent by value it
+/// leaves this process's count and joins the receiver's; sent with
+/// [`KeepOpen`](crate::handle::KeepOpen), both processes count it.
+#[derive(Debug)]
+pub struct Connection {
+    stream: Stream,
+    guard: Option<CountGuard>,
+}
+
+impl Connection {
+    /// The server's connection key.
+    pub fn key(&self) -> &str {
+        self.guard.as_ref().map_or("", |g| g.0.key.as_str())
+    }
+    /// The socket.
+    pub fn stream(&self) -> &Stream {
+        &self.stream
+    }
+    /// The socket, mutably.
+    pub fn stream_mut(&mut self) -> &mut Stream {
+        &mut self.stream
+    }
+    /// The socket alone. It no longer counts as one of the server's connections.
+    pub fn into_stream(mut self) -> Stream {
+        self.guard.take();
+        self.stream
+    }
+
+    fn server(&self) -> Option<Arc<ServerState>> {
+        self.guard.as_ref().map(|g| g.0.clone())
+    }
+}
+
+impl AsFd for Connection {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match &self.stream {
+            Stream::Tcp(s) => s.as_fd(),
+            Stream::Unix(s) => s.as_fd(),
+        }
+    }
+}
+
+impl Handle for Connection {
+    /// Sent as a `net.Socket` carrying the server's key; leaves this process's count now (as
+    /// Node decrements `_connections` at send time), while the descriptor itself is held until
+    /// the peer acknowledges it.
+    fn into_wire(self) -> Result<WireHandle, HandleError> {
+        let server = self.server();
+        let key = self.key().to_owned();
+        let fd: OwnedFd = match self.into_stream() {
+            Stream::Tcp(s) => s.into_std().map_err(HandleError::Io)?.into(),
+            Stream::Unix(s) => s.into_std().map_err(HandleError::Io)?.into(),
+        };
+        let mut wire = WireHandle::trusted(HandleType::NetSocket, fd, None);
+        wire.key = Some(key);
+        wire.server = server;
+        Ok(wire)
+    }
+
+    /// A `Connection` belongs to a server of this process; a received socket converts into a
+    /// stream type instead (its count is kept by the channel).
+    fn from_received(handle: ReceivedHandle) -> Result<Self, ConvertError> {
+        Err(ConvertError::Mismatch { handle, wanted: "handoff::server::Connection (convert into a stream type)" })
+    }
+}
+
+impl Shareable for Connection {
+    fn describe(&self, dup: OwnedFd) -> Result<WireHandle, HandleError> {
+        let mut wire = WireHandle::trusted(HandleType::NetSocket, dup, None);
+        wire.key = Some(self.key().to_owned());
+        wire.server = self.server();
+        Ok(wire)
+    }
+}
+
+macro_rules! delegate_io {
+    ($self:ident, $s:ident => $call:expr) => {
+        match &mut $self.get_mut().stream {
+            Stream::Tcp($s) => {
+                let $s = Pin::new($s);
+                $call
+            }
+            Stream::Unix($s) => {
+                let $s = Pin::new($s);
+                $call
+            }
+        }
+    };
+}
+
+impl AsyncRead for Connection {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        delegate_io!(self, s => s.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Connection {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        delegate_io!(self, s => s.poll_write(cx, buf))
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate_io!(self, s => s.poll_flush(cx))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate_io!(self, s => s.poll_shutdown(cx))
+    }
+}
