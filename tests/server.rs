@@ -1,0 +1,233 @@
+//! Servers that keep count across processes (issue 3): get_connections and close after their
+//! connections were handed to Rust and Node children, and handed to us by a Node parent.
+
+mod util;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use handoff::handle::KeepOpen;
+use handoff::server::{Server, ServerError};
+use handoff::Command;
+
+fn echo_child() -> Command {
+    let mut command = Command::new(util::example("echo_child"));
+    command.kill_on_drop(true);
+    command
+}
+
+fn node_echo_child() -> Command {
+    let mut command = Command::node(util::node_script("echo_child.js"));
+    command.kill_on_drop(true);
+    command
+}
+
+async fn local_server() -> Server {
+    Server::bind("127.0.0.1:0".parse().unwrap()).await.unwrap()
+}
+
+/// A client that checks its connection works (the echo comes back) before going on.
+fn client(addr: SocketAddr) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(util::STEP)).unwrap();
+    stream
+}
+
+fn assert_echo(stream: &mut TcpStream) {
+    stream.write_all(b"ping").unwrap();
+    let mut buf = [0u8; 4];
+    stream.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"ping");
+}
+
+/// Polls until `get_connections` reports `expected` (counts settle as children notice closes).
+async fn expect_count(server: &Server, expected: usize) {
+    let deadline = tokio::time::Instant::now() + util::STEP;
+    loop {
+        let count = server.get_connections().await.unwrap();
+        if count == expected {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "count stuck at {count}, expected {expected}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Hands `n` connections to the children in turn; returns the clients.
+async fn hand_out(server: &Server, children: &[&handoff::Child], n: usize) -> Vec<TcpStream> {
+    let addr = server.local_addr().unwrap();
+    let mut clients = Vec::new();
+    for i in 0..n {
+        let connecting = tokio::task::spawn_blocking(move || client(addr));
+        let connection = util::within("accept", server.accept()).await.unwrap();
+        let mut stream = connecting.await.unwrap();
+        children[i % children.len()].send_handle(&"socket", connection).await.unwrap();
+        assert_echo(&mut stream);
+        clients.push(stream);
+    }
+    clients
+}
+
+async fn closes_after_every_child_socket(children: Vec<handoff::Child>) {
+    let server = local_server().await;
+    let refs: Vec<&handoff::Child> = children.iter().collect();
+    let mut clients = hand_out(&server, &refs, 12).await;
+    assert_eq!(server.local_connections(), 0, "sent connections leave the local count");
+    expect_count(&server, 12).await;
+    while clients.len() > 1 {
+        drop(clients.pop());
+        expect_count(&server, clients.len()).await;
+    }
+    // close() must wait for the last one, held by a child.
+    let closing = server.close();
+    tokio::pin!(closing);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut closing).await.is_err(),
+        "close() resolved while a child still held a connection"
+    );
+    assert!(server.accept().await.is_err(), "a closing server accepts nothing");
+    drop(clients.pop());
+    util::within("close()", &mut closing).await.unwrap();
+    assert!(matches!(server.close().await, Err(ServerError::NotRunning)));
+    for child in children {
+        child.disconnect();
+        let mut child = child;
+        assert!(util::within("child exit", child.wait()).await.unwrap().success());
+    }
+}
+
+#[test]
+fn rust_parent_counts_and_closes_across_two_rust_children() {
+    util::serial_test(async {
+        let children = vec![echo_child().spawn().unwrap(), echo_child().spawn().unwrap()];
+        closes_after_every_child_socket(children).await;
+    })
+}
+
+#[test]
+fn rust_parent_counts_and_closes_across_node_children() {
+    util::serial_test(async {
+        let Some(_) = util::node() else { return };
+        let children = vec![node_echo_child().spawn().unwrap(), node_echo_child().spawn().unwrap()];
+        closes_after_every_child_socket(children).await;
+    })
+}
+
+#[test]
+fn node_parent_counts_sockets_held_by_a_rust_child() {
+    util::serial_test(async {
+        let Some(node) = util::node() else { return };
+        let output = tokio::process::Command::new(node)
+            .arg(util::node_script("get_connections_parent.js"))
+            .arg(util::example("echo_child"))
+            .arg("5")
+            .kill_on_drop(true)
+            .output();
+        let output = util::within("node parent", output).await.unwrap();
+        let stdout = String::from_utf8(output.stdout).unwrap();
+        let steps: Vec<serde_json::Value> =
+            stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let expected = serde_json::json!([
+            {"step": "sent", "count": 5},
+            {"step": "after-close", "count": 4},
+            {"step": "after-close", "count": 3},
+            {"step": "after-close", "count": 2},
+            {"step": "after-close", "count": 1},
+            {"step": "close-pending", "closed": false},
+            {"step": "closed"},
+            {"step": "child-exit", "code": 0},
+        ]);
+        assert_eq!(serde_json::Value::Array(steps), expected, "stderr: {}", String::from_utf8_lossy(&output.stderr));
+        assert!(output.status.success());
+    })
+}
+
+#[test]
+fn a_killed_child_neither_hangs_nor_leaks() {
+    util::serial_test(async {
+        // Warm the runtime's child-reaping descriptors before the baseline.
+        let mut warm = echo_child().spawn().unwrap();
+        warm.disconnect();
+        warm.wait().await.unwrap();
+        drop(warm);
+        let baseline = util::open_fds();
+        let server = local_server().await;
+        let mut child = echo_child().spawn().unwrap();
+        let mut clients = hand_out(&server, &[&child], 5).await;
+        expect_count(&server, 5).await;
+        let sender = child.sender().clone();
+        child.kill().await.unwrap();
+        // In flight, the request fails naming the child; once the channel is known closed, the
+        // child is left out and the count is the reduced one.
+        match server.get_connections().await {
+            Ok(0) => {}
+            Err(ServerError::ChildClosedBeforeReply { peer }) => {
+                assert_eq!(peer, format!("child process {}", child_pid(&sender)));
+            }
+            other => panic!("expected 0 or ChildClosedBeforeReply, got {other:?}"),
+        }
+        util::within("channel closed", sender.closed()).await;
+        assert_eq!(server.get_connections().await.unwrap(), 0);
+        util::within("close()", server.close()).await.unwrap();
+        // The kernel closed the child's copies: the clients see end-of-file.
+        for stream in &mut clients {
+            let mut buf = [0u8; 1];
+            assert_eq!(stream.read(&mut buf).unwrap(), 0);
+        }
+        drop((clients, server, sender, child));
+        util::assert_fds_settle_to(&baseline).await;
+    })
+}
+
+fn child_pid(sender: &handoff::Sender) -> String {
+    sender.peer().trim_start_matches("child process ").to_owned()
+}
+
+#[test]
+fn each_server_counts_only_its_own_connections() {
+    util::serial_test(async {
+        let servers = [local_server().await, local_server().await, local_server().await];
+        let keys: std::collections::HashSet<&str> = servers.iter().map(Server::key).collect();
+        assert_eq!(keys.len(), 3, "servers on port 0 get distinct keys");
+        let children = [echo_child().spawn().unwrap(), echo_child().spawn().unwrap()];
+        let refs: Vec<&handoff::Child> = children.iter().collect();
+        let mut clients = Vec::new();
+        for (i, server) in servers.iter().enumerate() {
+            clients.push(hand_out(server, &refs, 2 * (i + 1)).await);
+        }
+        for (i, server) in servers.iter().enumerate() {
+            expect_count(server, 2 * (i + 1)).await;
+        }
+        clients[1].truncate(1);
+        expect_count(&servers[0], 2).await;
+        expect_count(&servers[1], 1).await;
+        expect_count(&servers[2], 6).await;
+        drop(clients);
+        for server in &servers {
+            util::within("close()", server.close()).await.unwrap();
+        }
+    })
+}
+
+#[test]
+fn keep_open_connections_are_counted_by_both_processes() {
+    util::serial_test(async {
+        let server = local_server().await;
+        let child = echo_child().spawn().unwrap();
+        let addr = server.local_addr().unwrap();
+        let connecting = tokio::task::spawn_blocking(move || client(addr));
+        let connection = server.accept().await.unwrap();
+        let mut stream = connecting.await.unwrap();
+        child.send_handle(&"socket", KeepOpen(&connection)).await.unwrap();
+        // Ours and the child's copy: counted twice, as Node counts it.
+        assert_eq!(server.local_connections(), 1);
+        expect_count(&server, 2).await;
+        assert_echo(&mut stream); // the child serves it...
+        drop(connection); // ...and ours goes
+        expect_count(&server, 1).await;
+        drop(stream);
+        expect_count(&server, 0).await;
+        util::within("close()", server.close()).await.unwrap();
+    })
+}
