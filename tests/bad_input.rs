@@ -924,8 +924,6 @@ fn regular_file_or_tty_is_never_sent() {
 }
 
 #[test]
-#[ignore = "bug: std socket types built from a non-socket fd (TcpStream::from(OwnedFd)) are sent \
-            unchecked: socket_handle! into_wire/describe skip WireHandle::new's kind check"]
 fn socket_types_wrapping_a_file_are_never_sent() {
     run(async {
         let baseline = util::open_fds();
@@ -1194,8 +1192,6 @@ fn fd_with_a_handle_line_followed_by_more_lines_in_one_write() {
 }
 
 #[test]
-#[ignore = "questionable: errors from bad input bypass ChannelConfig::recv_buffer, so a peer that \
-            sends bad lines fills an unbounded queue while nobody calls recv()"]
 fn bad_lines_count_against_recv_buffer() {
     run(async {
         let baseline = util::open_fds();
@@ -1260,9 +1256,6 @@ fn valid_lines_respect_recv_buffer() {
 }
 
 #[test]
-#[ignore = "questionable: a peer that exits with our bytes unread (the usual way a child dies) makes \
-            the read fail with ECONNRESET, which handoff reports as RecvError::Io; Node treats it \
-            as a plain disconnect"]
 fn peer_closing_with_unread_data_is_a_plain_disconnect() {
     run(async {
         let baseline = util::open_fds();

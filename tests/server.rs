@@ -29,7 +29,7 @@ async fn local_server() -> Server {
 
 /// A client that checks its connection works (the echo comes back) before going on.
 fn client(addr: SocketAddr) -> TcpStream {
-    let mut stream = TcpStream::connect(addr).unwrap();
+    let stream = TcpStream::connect(addr).unwrap();
     stream.set_read_timeout(Some(util::STEP)).unwrap();
     stream
 }

@@ -112,6 +112,8 @@ pub(crate) struct Driver {
     socket_lists: ReceiveLists,
     /// When pending close requests are next re-checked.
     next_close_check: Instant,
+    /// Writing failed because the peer closed its end; reading goes on until end-of-file.
+    peer_gone: bool,
 }
 
 impl Driver {
@@ -141,6 +143,7 @@ impl Driver {
             finished: false,
             socket_lists: ReceiveLists::default(),
             next_close_check: Instant::now(),
+            peer_gone: false,
         }
     }
 
@@ -152,13 +155,19 @@ impl Driver {
                 self.next_close_check = Instant::now() + CLOSE_POLL;
             }
             if let Err(e) = self.write_ready() {
-                self.report(RecvError::Io(e));
-                break;
+                if is_peer_gone(&e) {
+                    // The peer closed its end: what it sent before is still to be read, up to
+                    // the end-of-file that closes the channel.
+                    self.peer_gone = true;
+                } else {
+                    self.report(RecvError::Io(e));
+                    break;
+                }
             }
             if self.finished || self.done_disconnecting() || self.abandoned() {
                 break;
             }
-            let want_write = !self.write_queue.is_empty();
+            let want_write = !self.write_queue.is_empty() && !self.peer_gone;
             let recv_full = self.shared.recv_queued.load(Ordering::SeqCst) >= self.config.recv_buffer;
             tokio::select! {
                 biased;
@@ -278,17 +287,19 @@ impl Driver {
 
     /// Writes as much of `write_queue` as the socket takes without blocking.
     fn write_ready(&mut self) -> io::Result<()> {
+        if self.peer_gone {
+            return Ok(());
+        }
         while let Some(front) = self.write_queue.front() {
             if front.bytes.is_empty() {
                 let done = self.write_queue.pop_front().expect("front exists");
                 self.on_written(done);
                 continue;
             }
-            let result = if front.handle.is_some() && self.front_written == 0 {
+            let result = if let (Some(handle), 0) = (&front.handle, self.front_written) {
                 // A handle frame starts its own sendmsg, carrying the fd with its first byte, and
                 // nothing after it rides on that sendmsg (the receiver binds fds to the last
-                // frame starting in a read).
-                let handle = front.handle.as_ref().expect("checked");
+                // handle frame starting in a read).
                 let bytes = &front.bytes;
                 let fd = handle.fd.as_fd();
                 self.stream.try_io(Interest::WRITABLE, || {
@@ -387,9 +398,15 @@ impl Driver {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // A peer that exits with our bytes unread resets the connection: that is how a
+                // child usually goes away, and Node treats it as a plain disconnect too.
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
+                    self.on_eof();
+                    return;
+                }
                 Err(e) => {
                     self.report(RecvError::Io(e));
-                    self.finished = true;
+                    self.on_eof();
                     return;
                 }
             }
@@ -543,16 +560,22 @@ impl Driver {
                 }
             }
         }
-        if self.messages.is_closed() {
-            return; // nobody will read it; its handle (if any) is closed here
-        }
-        self.shared.recv_queued.fetch_add(queued_cost(&message), Ordering::SeqCst);
-        let _ = self.messages.send(Ok(message));
+        self.queue_for_user(Ok(message));
     }
 
     fn report(&mut self, error: RecvError) {
         tracing::debug!(%error, "handoff channel");
-        let _ = self.messages.send(Err(error));
+        self.queue_for_user(Err(error));
+    }
+
+    /// Hands an item to the receiver, counting it against `recv_buffer` (reading pauses above
+    /// it). With no receiver left the item is dropped here, closing any handle it carries.
+    fn queue_for_user(&mut self, item: Result<Message, RecvError>) {
+        if self.messages.is_closed() {
+            return;
+        }
+        self.shared.recv_queued.fetch_add(queued_cost(&item), Ordering::SeqCst);
+        let _ = self.messages.send(item);
     }
 
     /// Tears the channel down: closes the socket, fails what is pending, ends the streams.
@@ -608,4 +631,9 @@ fn check_handle(envelope: &HandleEnvelope, fd: OwnedFd) -> Result<ReceivedHandle
         _ => None,
     };
     Ok(ReceivedHandle { handle_type, kind, fd, key: envelope.key.clone(), dgram_type })
+}
+
+/// Write errors that mean the peer has closed its end of the channel.
+fn is_peer_gone(error: &io::Error) -> bool {
+    matches!(error.kind(), io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset)
 }

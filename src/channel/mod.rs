@@ -79,7 +79,8 @@ impl ChannelConfig {
         self
     }
     /// How many handles may await acknowledgement at once (default 1, Node's behaviour). Above 1,
-    /// plain messages no longer wait behind a handle either.
+    /// plain messages no longer wait behind handles already written; anything sent after a handle
+    /// that is itself waiting for room in the window still waits behind it, to keep the order.
     pub fn handle_window(mut self, handles: usize) -> Self {
         self.handle_window = handles.max(1);
         self
@@ -598,11 +599,8 @@ impl Receiver {
     /// Cancel safe: no message is lost if the future is dropped.
     pub async fn recv(&mut self) -> Option<Result<Message, RecvError>> {
         let item = self.messages.recv().await?;
-        if let Ok(message) = &item {
-            let before = self.shared.recv_queued.fetch_sub(queued_cost(message), Ordering::SeqCst);
-            let _ = before;
-            self.shared.recv_space.notify_one();
-        }
+        self.shared.recv_queued.fetch_sub(queued_cost(&item), Ordering::SeqCst);
+        self.shared.recv_space.notify_one();
         Some(item)
     }
 
@@ -621,7 +619,11 @@ impl Receiver {
     }
 }
 
-/// What a queued message counts against [`ChannelConfig::recv_buffer`].
-fn queued_cost(message: &Message) -> usize {
-    message.json.len() + 64
+/// What a queued item counts against [`ChannelConfig::recv_buffer`]: its text plus a fixed
+/// overhead, so that a flood of tiny messages or of errors is bounded too.
+fn queued_cost(item: &Result<Message, RecvError>) -> usize {
+    match item {
+        Ok(message) => message.json.len() + 64,
+        Err(_) => 128,
+    }
 }

@@ -143,6 +143,8 @@ pub struct WireHandle {
     pub(crate) fd: OwnedFd,
     pub(crate) key: Option<String>,
     pub(crate) dgram_type: Option<DgramType>,
+    /// What the kernel says the descriptor is.
+    pub(crate) kind: FdKind,
     /// The server whose connection this is: the channel it goes out on joins that server's
     /// socket lists (Node's `SocketListSend`).
     pub(crate) server: Option<std::sync::Arc<crate::server::ServerState>>,
@@ -158,17 +160,7 @@ impl WireHandle {
         }
         let dgram_type =
             if handle_type == HandleType::DgramSocket { DgramType::of(kind) } else { None };
-        Ok(WireHandle::trusted(handle_type, fd, dgram_type))
-    }
-
-    /// Describes `fd` without asking the kernel: for types whose descriptor kind the type
-    /// system already guarantees.
-    pub(crate) fn trusted(
-        handle_type: HandleType,
-        fd: OwnedFd,
-        dgram_type: Option<DgramType>,
-    ) -> WireHandle {
-        WireHandle { handle_type, fd, key: None, dgram_type, server: None }
+        Ok(WireHandle { handle_type, fd, key: None, dgram_type, kind, server: None })
     }
 
     /// Sets the server connection key written in the envelope (`net.Socket` only): the receiver
@@ -446,6 +438,9 @@ impl<T: Handle> Handle for Native<T> {
             HandleType::DgramSocket | HandleType::DgramNative => HandleType::DgramNative,
             _ => HandleType::NetNative,
         };
+        if !wire.handle_type.accepts(wire.kind) {
+            return Err(HandleError::KindMismatch { handle_type: wire.handle_type, kind: wire.kind });
+        }
         wire.key = None;
         wire.dgram_type = None;
         wire.server = None;

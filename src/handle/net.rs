@@ -6,15 +6,14 @@ use super::{FdKind, HandleType};
 /// and its tokio counterpart.
 ///
 /// `$wire` is the type written when sending; `$accepted` the wire types it can be built from;
-/// `$kind_ok` which descriptor kinds it can be built from; `$describe` fills the envelope for a
-/// descriptor of this type (it may ask the socket, e.g. for a UDP socket's family).
+/// `$kind_ok` which descriptor kinds it can be built from.
 macro_rules! socket_handle {
-    ($std:ty, $tokio:ty, $wire:expr, [$($accepted:expr),+], $kind_ok:expr, $describe:expr) => {
+    ($std:ty, $tokio:ty, $wire:expr, [$($accepted:expr),+], $kind_ok:expr) => {
         impl $crate::handle::Handle for $std {
+            /// Checked against the kernel: a std socket can be built from any descriptor in safe
+            /// code (`From<OwnedFd>`), and a mislabelled one would crash a Node receiver.
             fn into_wire(self) -> Result<$crate::handle::WireHandle, $crate::handle::HandleError> {
-                let describe: fn(&$std) -> Option<$crate::handle::DgramType> = $describe;
-                let dgram_type = describe(&self);
-                Ok($crate::handle::WireHandle::trusted($wire, std::os::fd::OwnedFd::from(self), dgram_type))
+                $crate::handle::WireHandle::new($wire, std::os::fd::OwnedFd::from(self))
             }
             fn from_received(
                 handle: $crate::handle::ReceivedHandle,
@@ -30,8 +29,7 @@ macro_rules! socket_handle {
                 &self,
                 dup: std::os::fd::OwnedFd,
             ) -> Result<$crate::handle::WireHandle, $crate::handle::HandleError> {
-                let describe: fn(&$std) -> Option<$crate::handle::DgramType> = $describe;
-                Ok($crate::handle::WireHandle::trusted($wire, dup, describe(self)))
+                $crate::handle::WireHandle::new($wire, dup)
             }
         }
 
@@ -57,10 +55,7 @@ macro_rules! socket_handle {
                 &self,
                 dup: std::os::fd::OwnedFd,
             ) -> Result<$crate::handle::WireHandle, $crate::handle::HandleError> {
-                let std = <$std>::from(dup);
-                let describe: fn(&$std) -> Option<$crate::handle::DgramType> = $describe;
-                let dgram_type = describe(&std);
-                Ok($crate::handle::WireHandle::trusted($wire, std::os::fd::OwnedFd::from(std), dgram_type))
+                $crate::handle::WireHandle::new($wire, dup)
             }
         }
     };
@@ -72,8 +67,7 @@ socket_handle!(
     tokio::net::TcpStream,
     HandleType::NetSocket,
     [HandleType::NetSocket, HandleType::NetNative],
-    |k| k == FdKind::TcpStream,
-    |_| None
+    |k| k == FdKind::TcpStream
 );
 
 socket_handle!(
@@ -81,6 +75,5 @@ socket_handle!(
     tokio::net::TcpListener,
     HandleType::NetServer,
     [HandleType::NetServer, HandleType::NetNative],
-    |k| k == FdKind::TcpListener,
-    |_| None
+    |k| k == FdKind::TcpListener
 );

@@ -8,8 +8,7 @@ socket_handle!(
     tokio::net::UnixStream,
     HandleType::NetSocket,
     [HandleType::NetSocket, HandleType::NetNative],
-    |k| k == FdKind::UnixStream,
-    |_| None
+    |k| k == FdKind::UnixStream
 );
 
 socket_handle!(
@@ -17,6 +16,5 @@ socket_handle!(
     tokio::net::UnixListener,
     HandleType::NetServer,
     [HandleType::NetServer, HandleType::NetNative],
-    |k| k == FdKind::UnixListener,
-    |_| None
+    |k| k == FdKind::UnixListener
 );

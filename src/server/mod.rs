@@ -370,7 +370,7 @@ impl Handle for Connection {
             Stream::Tcp(s) => s.into_std().map_err(HandleError::Io)?.into(),
             Stream::Unix(s) => s.into_std().map_err(HandleError::Io)?.into(),
         };
-        let mut wire = WireHandle::trusted(HandleType::NetSocket, fd, None);
+        let mut wire = WireHandle::new(HandleType::NetSocket, fd)?;
         wire.key = Some(key);
         wire.server = server;
         Ok(wire)
@@ -385,7 +385,7 @@ impl Handle for Connection {
 
 impl Shareable for Connection {
     fn describe(&self, dup: OwnedFd) -> Result<WireHandle, HandleError> {
-        let mut wire = WireHandle::trusted(HandleType::NetSocket, dup, None);
+        let mut wire = WireHandle::new(HandleType::NetSocket, dup)?;
         wire.key = Some(self.key().to_owned());
         wire.server = self.server();
         Ok(wire)
