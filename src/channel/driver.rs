@@ -280,7 +280,7 @@ impl Driver {
         self.write_queue.push_back(Outgoing {
             bytes: bytes.to_vec(),
             handle: None,
-            _permit: None,
+            permits: 0,
             written: None,
         });
     }
@@ -358,7 +358,10 @@ impl Driver {
     }
 
     fn on_written(&mut self, outgoing: Outgoing) {
-        let Outgoing { bytes, handle, _permit, written } = outgoing;
+        let Outgoing { bytes, handle, permits, written } = outgoing;
+        if permits > 0 {
+            self.shared.send_budget.add_permits(permits as usize);
+        }
         if let Some(written) = written {
             let _ = written.send(Ok(()));
         }
@@ -508,7 +511,7 @@ impl Driver {
             return;
         }
         // Resent unchanged (Node v20 wraps it again, which makes a Node receiver ACK twice).
-        self.write_queue.push_back(Outgoing { bytes, handle: Some(handle), _permit: None, written: None });
+        self.write_queue.push_back(Outgoing { bytes, handle: Some(handle), permits: 0, written: None });
     }
 
     /// Node's socket-list protocol (protocol doc §6).
@@ -549,7 +552,7 @@ impl Driver {
 
     fn push_socket_list_reply(&mut self, reply: serde_json::Value) {
         let bytes = super::frame::encode(&reply).expect("a JSON value always serializes");
-        self.write_queue.push_back(Outgoing { bytes, handle: None, _permit: None, written: None });
+        self.write_queue.push_back(Outgoing { bytes, handle: None, permits: 0, written: None });
     }
 
     fn deliver(&mut self, message: Message) {

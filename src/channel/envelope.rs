@@ -36,7 +36,9 @@ pub(crate) fn encode_handle(msg_json: &[u8], wire: &WireHandle) -> Vec<u8> {
 /// Fast path: compact `serde_json` output can only contain `"cmd":"NODE_` as an object key and
 /// value, so a message without that byte sequence is a user message and is not parsed again.
 pub(crate) fn reserved_cmd(frame: &[u8]) -> Option<String> {
-    memchr::memmem::find(frame, b"\"cmd\":\"NODE_")?;
+    static NEEDLE: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"cmd\":\"NODE_"));
+    NEEDLE.find(frame)?;
     let text = std::str::from_utf8(frame).ok()?;
     super::frame::probe(text.trim_end()).ok().flatten()
 }

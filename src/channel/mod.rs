@@ -272,8 +272,8 @@ struct Shared {
 struct Outgoing {
     bytes: Vec<u8>,
     handle: Option<driver::PendingHandle>,
-    /// Released when the frame has been written (or dropped).
-    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// Back-pressure permits this frame holds; the driver returns them once it is written.
+    permits: u32,
     written: Option<oneshot::Sender<Result<(), SendError>>>,
 }
 
@@ -578,12 +578,21 @@ impl Sender {
         if !self.is_connected() {
             return Err(handle.map_or(SendError::Closed, |h| h.closed_unwritten()));
         }
-        let cost = bytes.len().clamp(1, self.shared.send_buffer) as u32;
-        let permit = match self.shared.send_budget.clone().acquire_many_owned(cost).await {
-            Ok(permit) => permit,
-            Err(_) => return Err(handle.map_or(SendError::Closed, |h| h.closed_unwritten())),
+        let permits = bytes.len().clamp(1, self.shared.send_buffer) as u32;
+        // Fast path without an await point; the permits travel with the frame as a count (no
+        // Arc clone per message) and the driver adds them back once the frame is written.
+        let acquired = match self.shared.send_budget.try_acquire_many(permits) {
+            Ok(permit) => Ok(permit),
+            Err(tokio::sync::TryAcquireError::NoPermits) => {
+                self.shared.send_budget.acquire_many(permits).await.map_err(|_| ())
+            }
+            Err(tokio::sync::TryAcquireError::Closed) => Err(()),
         };
-        let outgoing = Outgoing { bytes, handle, _permit: Some(permit), written };
+        match acquired {
+            Ok(permit) => permit.forget(),
+            Err(()) => return Err(handle.map_or(SendError::Closed, |h| h.closed_unwritten())),
+        }
+        let outgoing = Outgoing { bytes, handle, permits, written };
         self.commands.send(Command::Write(outgoing)).map_err(|e| match e.0 {
             Command::Write(o) => o.handle.map_or(SendError::Closed, |h| h.closed_unwritten()),
             Command::Disconnect => SendError::Closed,

@@ -141,16 +141,21 @@ impl FdKind {
     }
 }
 
-/// Asks the kernel what `fd` is (`fstat`, then `SO_DOMAIN`, `SO_TYPE`, `SO_ACCEPTCONN`).
+/// Asks the kernel what `fd` is: `SO_DOMAIN`, `SO_TYPE` and `SO_ACCEPTCONN` for a socket, `fstat`
+/// for anything else (`ENOTSOCK`). Two or three system calls for the sockets on the hot path.
 pub(crate) fn classify(fd: BorrowedFd<'_>) -> io::Result<FdKind> {
     use rustix::fs::FileType;
-    let stat = rustix::fs::fstat(fd)?;
-    match FileType::from_raw_mode(stat.st_mode) {
-        FileType::Socket => {}
-        FileType::Fifo => return Ok(FdKind::Fifo),
-        _ => return Ok(FdKind::Other),
-    }
-    let domain = rustix::net::sockopt::socket_domain(fd)?;
+    let domain = match rustix::net::sockopt::socket_domain(fd) {
+        Ok(domain) => domain,
+        Err(rustix::io::Errno::NOTSOCK) => {
+            let stat = rustix::fs::fstat(fd)?;
+            return Ok(match FileType::from_raw_mode(stat.st_mode) {
+                FileType::Fifo => FdKind::Fifo,
+                _ => FdKind::Other,
+            });
+        }
+        Err(e) => return Err(e.into()),
+    };
     let kind = rustix::net::sockopt::socket_type(fd)?;
     let inet = domain == AddressFamily::INET || domain == AddressFamily::INET6;
     Ok(if inet && kind == SocketType::STREAM {
