@@ -14,8 +14,8 @@
 //!   the local connections are gone.
 //!
 //! The receiving half (Node's `SocketListReceive`) runs inside every channel and needs nothing
-//! from user code: a received socket counts while any descriptor of the process refers to it,
-//! whatever type it was converted into (see [`socket_list`]).
+//! from user code: a received socket is remembered by inode and counts while any descriptor of
+//! the process still refers to it, whatever type it was converted into.
 //!
 //! # Where this differs from Node
 //! - `close()` also waits for the server's own connections (Node's `close` with workers stops
