@@ -9,198 +9,22 @@
 
 mod util;
 
-use std::io::{self, IoSlice, IoSliceMut, Read, Write};
-use std::mem::MaybeUninit;
+use util::raw_peer::*;
+use util::serial_test as run;
+
+use std::io::{Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use handoff::channel::{FrameError, StrayReason};
 use handoff::handle::{FdKind, HandleError, HandleType, KeepOpen, RawHandle, WireHandle};
 use handoff::{Channel, ChannelConfig, Message, RecvError, SendError};
-use rustix::net::{
-    AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags,
-    SendAncillaryBuffer, SendAncillaryMessage, SendFlags, SocketFlags, SocketType,
-};
 use serde_json::json;
-use tokio::io::Interest;
-
-/// Runs one test: serialized with the other tests of this file, on its own current-thread
-/// runtime that is built after the lock is taken and dropped before it is released.
-fn run<F: std::future::Future>(test: F) -> F::Output {
-    let _serial = util::serial();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(test)
-}
 
 // ---------------------------------------------------------------------------------------------
 // The raw peer
 // ---------------------------------------------------------------------------------------------
-
-const ACK: &[u8] = b"{\"cmd\":\"NODE_HANDLE_ACK\"}\n";
-const NACK: &[u8] = b"{\"cmd\":\"NODE_HANDLE_NACK\"}\n";
-
-/// The far end of a channel, driven by hand: bytes and descriptors exactly as the test says.
-struct RawPeer {
-    sock: tokio::net::UnixStream,
-    /// Bytes read and not yet taken as frames.
-    buf: Vec<u8>,
-    /// Stream offset of `buf[0]`.
-    base: usize,
-    /// Received descriptors, each with the stream offset of the last byte of the read that
-    /// brought it (Linux ends a read at the segment that carried descriptors, so that byte lies in
-    /// the frame the sender attached them to).
-    fds: Vec<(usize, OwnedFd)>,
-}
-
-/// A channel on one end of a fresh socket pair and a raw peer on the other.
-fn raw_channel(config: ChannelConfig) -> (Channel, RawPeer) {
-    let (ours, theirs) = rustix::net::socketpair(
-        AddressFamily::UNIX,
-        SocketType::STREAM,
-        SocketFlags::CLOEXEC,
-        None,
-    )
-    .expect("socketpair");
-    let channel = Channel::with_config(ours, config).expect("channel");
-    let peer = std::os::unix::net::UnixStream::from(theirs);
-    (channel, RawPeer::new(peer))
-}
-
-impl RawPeer {
-    fn new(std: std::os::unix::net::UnixStream) -> RawPeer {
-        std.set_nonblocking(true).unwrap();
-        RawPeer {
-            sock: tokio::net::UnixStream::from_std(std).unwrap(),
-            buf: Vec::new(),
-            base: 0,
-            fds: Vec::new(),
-        }
-    }
-
-    /// Writes `bytes`, attaching `fds` (if any) to the first `sendmsg` only, as libuv does.
-    async fn send(&self, bytes: &[u8], fds: &[BorrowedFd<'_>]) {
-        assert!(!bytes.is_empty());
-        let mut sent = 0;
-        while sent < bytes.len() {
-            let attach = if sent == 0 { fds } else { &[] };
-            self.sock.writable().await.unwrap();
-            let sock = &self.sock;
-            let result = sock.try_io(Interest::WRITABLE, || {
-                let mut space = vec![
-                    MaybeUninit::<u8>::uninit();
-                    rustix::cmsg_space!(ScmRights(attach.len().max(1)))
-                ];
-                let mut control = SendAncillaryBuffer::new(&mut space);
-                if !attach.is_empty() {
-                    assert!(control.push(SendAncillaryMessage::ScmRights(attach)));
-                }
-                rustix::net::sendmsg(
-                    sock,
-                    &[IoSlice::new(&bytes[sent..])],
-                    &mut control,
-                    SendFlags::NOSIGNAL | SendFlags::DONTWAIT,
-                )
-                .map_err(io::Error::from)
-            });
-            match result {
-                Ok(n) => sent += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => panic!("raw peer write failed: {e}"),
-            }
-        }
-    }
-
-    async fn write(&self, bytes: &[u8]) {
-        self.send(bytes, &[]).await
-    }
-
-    /// One non-blocking `recvmsg`; `Ok(0)` is end-of-file.
-    fn try_fill(&mut self) -> io::Result<usize> {
-        let mut chunk = vec![0u8; 256 * 1024];
-        let mut space = vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(253))];
-        let mut control = RecvAncillaryBuffer::new(&mut space);
-        let sock = &self.sock;
-        let msg = sock.try_io(Interest::READABLE, || {
-            rustix::net::recvmsg(
-                sock,
-                &mut [IoSliceMut::new(&mut chunk)],
-                &mut control,
-                RecvFlags::CMSG_CLOEXEC | RecvFlags::DONTWAIT,
-            )
-            .map_err(io::Error::from)
-        })?;
-        assert!(
-            !msg.flags.contains(ReturnFlags::CTRUNC),
-            "control data truncated"
-        );
-        let mut fds = Vec::new();
-        for message in control.drain() {
-            if let RecvAncillaryMessage::ScmRights(received) = message {
-                fds.extend(received);
-            }
-        }
-        if msg.bytes == 0 {
-            assert!(fds.is_empty(), "descriptors without bytes");
-            return Ok(0);
-        }
-        let last = self.base + self.buf.len() + msg.bytes - 1;
-        self.buf.extend_from_slice(&chunk[..msg.bytes]);
-        self.fds.extend(fds.into_iter().map(|fd| (last, fd)));
-        Ok(msg.bytes)
-    }
-
-    /// Waits for one read; returns 0 at end-of-file.
-    async fn fill(&mut self) -> usize {
-        loop {
-            self.sock.readable().await.unwrap();
-            match self.try_fill() {
-                Ok(n) => return n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => panic!("raw peer read failed: {e}"),
-            }
-        }
-    }
-
-    /// The next line handoff wrote (with its `\n`) and the descriptors attached to it.
-    async fn frame(&mut self) -> (Vec<u8>, Vec<OwnedFd>) {
-        util::within("a frame from handoff", async {
-            loop {
-                if let Some(i) = memchr::memchr(b'\n', &self.buf) {
-                    let (start, end) = (self.base, self.base + i);
-                    let line: Vec<u8> = self.buf.drain(..=i).collect();
-                    self.base = end + 1;
-                    let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.fds)
-                        .into_iter()
-                        .partition(|(at, _)| *at <= end);
-                    self.fds = rest;
-                    assert!(mine.iter().all(|(at, _)| *at >= start));
-                    return (line, mine.into_iter().map(|(_, fd)| fd).collect());
-                }
-                assert!(
-                    self.fill().await > 0,
-                    "EOF from handoff before a complete frame"
-                );
-            }
-        })
-        .await
-    }
-
-    /// Reads the next frame, checks it is exactly `expected`, returns its descriptors.
-    async fn expect_frame(&mut self, expected: &[u8]) -> Vec<OwnedFd> {
-        let (line, fds) = self.frame().await;
-        assert_eq!(
-            String::from_utf8_lossy(&line),
-            String::from_utf8_lossy(expected),
-            "unexpected bytes from handoff"
-        );
-        fds
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -246,84 +70,6 @@ async fn assert_still_works(chan: &mut Channel, peer: &mut RawPeer) {
     expect_value(chan, json!({"still": "alive"})).await;
 }
 
-/// Identity of an open file (socket, regular file...).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct FileId {
-    dev: u64,
-    ino: u64,
-}
-
-fn file_id(fd: impl AsFd) -> FileId {
-    let stat = rustix::fs::fstat(fd).unwrap();
-    FileId {
-        dev: stat.st_dev,
-        ino: stat.st_ino,
-    }
-}
-
-/// How many descriptors of this process refer to `id`.
-fn copies(id: FileId) -> usize {
-    util::open_fds()
-        .into_iter()
-        .filter(|fd| {
-            std::fs::metadata(format!("/proc/self/fd/{fd}"))
-                .is_ok_and(|m| m.dev() == id.dev && m.ino() == id.ino)
-        })
-        .count()
-}
-
-/// Waits (up to 5 s) until exactly `n` descriptors of this process refer to `id`.
-async fn wait_copies(id: FileId, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let now = copies(id);
-        if now == n {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{now} descriptors refer to {id:?}, expected {n}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// A stream socket pair: send `.0` over the channel (then drop it here); `.1` sees EOF once every
-/// copy of `.0` is closed.
-fn probe() -> (OwnedFd, std::os::unix::net::UnixStream) {
-    let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
-    (OwnedFd::from(a), b)
-}
-
-/// Waits until the other end of `watch` is closed everywhere (read returns EOF).
-async fn assert_peer_closed(watch: &std::os::unix::net::UnixStream) {
-    watch.set_nonblocking(true).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut byte = [0u8; 16];
-    loop {
-        match (&*watch).read(&mut byte) {
-            Ok(0) => return,
-            Ok(_) => panic!("unexpected data on a probe"),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => panic!("probe read failed: {e}"),
-        }
-        assert!(
-            Instant::now() < deadline,
-            "a descriptor handoff received was not closed"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// A connected TCP pair: (client, server side).
-fn tcp_pair() -> (std::net::TcpStream, std::net::TcpStream) {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-    let (server, _) = listener.accept().unwrap();
-    (client, server)
-}
-
-/// A regular file, opened read-only.
 fn regular_file() -> OwnedFd {
     OwnedFd::from(std::fs::File::open(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml")).unwrap())
 }
@@ -332,14 +78,6 @@ fn vm_rss_kib() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
-fn handle_line(handle_type: &str, msg: serde_json::Value) -> Vec<u8> {
-    format!(
-        "{}\n",
-        json!({"cmd": "NODE_HANDLE", "type": handle_type, "msg": msg})
-    )
-    .into_bytes()
 }
 
 // ---------------------------------------------------------------------------------------------

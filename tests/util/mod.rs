@@ -6,6 +6,8 @@
 //! runtime before it).
 #![allow(dead_code, unreachable_pub)]
 
+pub mod raw_peer;
+
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::io::Read;
