@@ -1,7 +1,7 @@
 //! The `json` frame decoder, `handoff::channel::frame::Decoder`, against its documented rules:
-//! frames split anywhere, descriptors bound to the last frame that starts in their read (and
-//! only if it is a `NODE_HANDLE`), every other descriptor reported and closed, memory bounded by
-//! `max_frame_len`.
+//! frames split anywhere, descriptors bound to the last `NODE_HANDLE` frame that starts in their
+//! read, every other descriptor reported and closed, frames in stream order (some held back until
+//! a descriptor's frame is known), memory bounded by `max_frame_len`.
 //!
 //! Descriptors are tracked without counting `/proc/self/fd`, which would race with the other
 //! tests of this file (they run on parallel threads, and descriptor numbers are reused). Every
@@ -252,17 +252,32 @@ enum Limit {
 // ---------------------------------------------------------------------------------------------
 // Property: a well-formed stream, split the way Linux may split it, decodes exactly.
 
+/// One frame of a well-formed stream, as sent.
+struct Sent {
+    /// Its bytes in the stream, terminator included.
+    range: Range<usize>,
+    /// Sent with a descriptor.
+    has_fd: bool,
+    /// A `NODE_HANDLE` frame (with or without a descriptor).
+    is_handle: bool,
+}
+
 /// Cuts a stream into reads of the lengths `lens` (cycled), shortened where the kernel stops a
-/// `recvmsg`: a read holding the first byte of a frame sent with a descriptor ends no later than
-/// that frame's end (no later frame starts in it). Returns each read's range and the index of the
-/// frame whose descriptor comes with it.
+/// `recvmsg`. A frame sent with a descriptor starts the `sendmsg` that carries it; that `sendmsg`
+/// ends with the frame, or (when the next of `stops`, cycled, is false) goes on over the plain
+/// frames after it, as from a sender that writes a handle and the messages queued behind it at
+/// once, up to the next `NODE_HANDLE` frame, which is sent on its own. Linux returns no data past
+/// that `sendmsg` in the read that holds its first byte, and the descriptor with that read.
+/// Returns each read's range and the index of the frame whose descriptor comes with it.
 fn kernel_reads(
-    frames: &[(Range<usize>, bool)],
+    frames: &[Sent],
     total: usize,
     lens: &[usize],
+    stops: &[bool],
 ) -> Vec<(Range<usize>, Option<usize>)> {
     let mut reads = Vec::new();
     let mut pos = 0;
+    let mut stops = stops.iter().cycle();
     for &len in lens.iter().cycle() {
         if pos == total {
             break;
@@ -270,9 +285,17 @@ fn kernel_reads(
         let mut end = pos.saturating_add(len).min(total);
         let fd_frame = frames
             .iter()
-            .position(|(r, has_fd)| *has_fd && (pos..end).contains(&r.start));
+            .position(|f| f.has_fd && (pos..end).contains(&f.range.start));
         if let Some(i) = fd_frame {
-            end = end.min(frames[i].0.end);
+            let sendmsg_end = if *stops.next().expect("stops is not empty") {
+                frames[i].range.end
+            } else {
+                frames[i + 1..]
+                    .iter()
+                    .find(|f| f.is_handle)
+                    .map_or(total, |f| f.range.start)
+            };
+            end = end.min(sendmsg_end);
         }
         reads.push((pos..end, fd_frame));
         pos = end;
@@ -280,14 +303,29 @@ fn kernel_reads(
     reads
 }
 
-fn check_round_trip(specs: &[Spec], lens: &[usize], limit: Limit) -> Result<(), TestCaseError> {
+/// Whether the decoder must see `s` as a `NODE_HANDLE` frame (a plain message may happen to be
+/// one).
+fn is_handle_spec(s: &Spec) -> bool {
+    s.role != Role::Plain || json(&s.text).get("cmd") == Some(&Value::from("NODE_HANDLE"))
+}
+
+fn check_round_trip(
+    specs: &[Spec],
+    lens: &[usize],
+    stops: &[bool],
+    limit: Limit,
+) -> Result<(), TestCaseError> {
     let mut stream = Vec::new();
     let mut frames = Vec::new();
     for s in specs {
         let start = stream.len();
         stream.extend_from_slice(s.wire.as_bytes());
         stream.extend_from_slice(if s.crlf { b"\r\n" } else { b"\n" });
-        frames.push((start..stream.len(), s.role == Role::Handle));
+        frames.push(Sent {
+            range: start..stream.len(),
+            has_fd: s.role == Role::Handle,
+            is_handle: is_handle_spec(s),
+        });
     }
     // The limit counts the bytes before the `\n`.
     let longest = specs
@@ -316,7 +354,7 @@ fn check_round_trip(specs: &[Spec], lens: &[usize], limit: Limit) -> Result<(), 
 
     let mut d = Decoder::new(max);
     let mut out = Vec::new();
-    for (range, fd_frame) in kernel_reads(&frames, stream.len(), lens) {
+    for (range, fd_frame) in kernel_reads(&frames, stream.len(), lens, stops) {
         let sent = fd_frame.map(|i| fds[i].take().expect("one read per handle"));
         d.decode(&stream[range], sent.into_iter().collect(), &mut out);
         prop_assert!(d.buffered_len() <= max);
@@ -338,8 +376,7 @@ fn check_round_trip(specs: &[Spec], lens: &[usize], limit: Limit) -> Result<(), 
         let f = frame(item);
         prop_assert_eq!(&f.text, &s.text);
         prop_assert_eq!(json(&f.text), json(&s.text));
-        let cmd_is_handle = json(&s.text).get("cmd") == Some(&Value::from("NODE_HANDLE"));
-        prop_assert_eq!(f.is_handle(), s.role != Role::Plain || cmd_is_handle);
+        prop_assert_eq!(f.is_handle(), is_handle_spec(s));
         match (probe, &f.fd) {
             (Some(p), Some(fd)) => prop_assert!(p.is(fd), "handle frame got another fd"),
             (None, None) => {}
@@ -366,13 +403,14 @@ proptest! {
     fn well_formed_stream_decodes_exactly_however_split(
         specs in prop::collection::vec(spec(), 0..20),
         lens in read_lens(),
+        stops in prop::collection::vec(any::<bool>(), 1..8),
         limit in prop_oneof![
             Just(Limit::Default),
             Just(Limit::Unlimited),
             (0usize..4).prop_map(Limit::Tight),
         ],
     ) {
-        check_round_trip(&specs, &lens, limit)?;
+        check_round_trip(&specs, &lens, &stops, limit)?;
     }
 }
 
@@ -418,10 +456,48 @@ fn chaos_reads() -> impl Strategy<Value = Vec<ChaosRead>> {
 /// case runs). The same cap as the fuzz target's, so its inputs replay identically.
 const MAX_FDS: usize = 64;
 
-/// Index of the last line whose first byte is in `stream[range]` (lines numbered from 0).
-fn owner_line(stream: &[u8], range: Range<usize>) -> Option<usize> {
-    let start = range.rev().find(|&p| p == 0 || stream[p - 1] == b'\n')?;
-    Some(memchr_count(&stream[..start]))
+/// The lines (numbered from 0) whose first byte is in `stream[range]`.
+fn lines_starting_in(stream: &[u8], range: Range<usize>) -> Range<usize> {
+    if range.is_empty() {
+        return 0..0;
+    }
+    let before = memchr_count(&stream[..range.start]);
+    let at_line_start = range.start == 0 || stream[range.start - 1] == b'\n';
+    let first = before + usize::from(!at_line_start);
+    // The line holding the read's last byte is the last line starting in it, if any does.
+    let last = memchr_count(&stream[..range.end - 1]);
+    first..last + 1
+}
+
+/// What the module docs' rule makes of `nfds` descriptors arriving with `stream[range]`, given
+/// the whole stream's items: the line that gets the first one, and the stray report, if any.
+fn expected_binding(
+    stream: &[u8],
+    range: Range<usize>,
+    nfds: usize,
+    oracle: &[Item],
+) -> (Option<usize>, Option<(usize, StrayReason)>) {
+    let lines = lines_starting_in(stream, range);
+    let Some(last) = lines.clone().last() else {
+        return (None, Some((nfds, StrayReason::NoFrame)));
+    };
+    let is_handle = |line: &usize| {
+        matches!(&oracle[*line], Item::Frame { internal_cmd, .. }
+            if internal_cmd.as_deref() == Some("NODE_HANDLE"))
+    };
+    if matches!(oracle[last], Item::Error(FrameError::Truncated { .. })) {
+        // Still undecided when the stream ends: whether that frame was the handle is unknown.
+        return (None, Some((nfds, StrayReason::Truncated)));
+    }
+    if let Some(handle) = lines.rev().find(is_handle) {
+        let surplus = (nfds > 1).then(|| (nfds - 1, StrayReason::Surplus));
+        return (Some(handle), surplus);
+    }
+    let reason = match &oracle[last] {
+        Item::Frame { .. } => StrayReason::NotAHandle,
+        Item::Error(_) => StrayReason::BadFrame,
+    };
+    (None, Some((nfds, reason)))
 }
 
 fn memchr_count(bytes: &[u8]) -> usize {
@@ -483,24 +559,11 @@ fn check_chaos(
         let first_probe = probes.len();
         probes.extend(new_probes);
         if nfds > 0 {
-            match owner_line(stream, range.clone()) {
-                None => expected_strays.push((nfds, StrayReason::NoFrame)),
-                Some(line) => match &oracle[line] {
-                    Item::Frame { internal_cmd, .. }
-                        if internal_cmd.as_deref() == Some("NODE_HANDLE") =>
-                    {
-                        bound_to_line.insert(line, first_probe);
-                        if nfds > 1 {
-                            expected_strays.push((nfds - 1, StrayReason::Surplus));
-                        }
-                    }
-                    Item::Frame { .. } => expected_strays.push((nfds, StrayReason::NotAHandle)),
-                    Item::Error(FrameError::Truncated { .. }) => {
-                        expected_strays.push((nfds, StrayReason::Truncated))
-                    }
-                    Item::Error(_) => expected_strays.push((nfds, StrayReason::BadFrame)),
-                },
+            let (bound, strays) = expected_binding(stream, range.clone(), nfds, &oracle);
+            if let Some(line) = bound {
+                prop_assert!(bound_to_line.insert(line, first_probe).is_none());
             }
+            expected_strays.extend(strays);
         }
         d.decode(&stream[range], fds, &mut split);
         prop_assert!(
@@ -676,19 +739,20 @@ fn fd_with_the_first_bytes_of_a_handle_is_bound_when_the_rest_comes_later() {
 }
 
 #[test]
-fn fds_belong_to_the_last_frame_starting_in_the_read() {
-    // Linux never returns this (a handle followed by more data in the same read); the rule still
-    // decides deterministically: the descriptor goes with the last frame, here a plain one.
+fn fds_belong_to_the_last_handle_frame_starting_in_the_read() {
+    // This test used to assert the earlier rule, "the last frame starting in the read": the
+    // descriptor went with the plain `[2]` and was closed as NotAHandle, and the handle was
+    // NACKed. A sender may write a handle and the lines queued behind it in one `sendmsg` with
+    // the handle's descriptor, so the rule is now "the last NODE_HANDLE frame starting in the
+    // read" (protocol doc 4.5: the NODE_HANDLE whose first bytes the fd arrived with).
     let mut d = Decoder::default();
     let (fd, probe) = tracked_fd();
     let chunk = handle_line("1") + "\n[2]\n";
     let out = decode(&mut d, chunk.as_bytes(), vec![fd]);
-    assert_eq!(out.len(), 3);
-    assert!(frame(&out[0]).is_handle());
-    assert!(frame(&out[0]).fd.is_none());
+    assert_eq!(out.len(), 2, "{out:?}");
+    assert!(probe.is(frame(&out[0]).fd.as_ref().expect("bound")));
     assert_eq!(frame(&out[1]).text, "[2]");
-    assert_eq!(*error(&out[2]), stray(1, StrayReason::NotAHandle));
-    assert!(probe.closed());
+    assert!(frame(&out[1]).fd.is_none());
 
     // And a handle that is last, after plain frames, gets it.
     let (fd, probe) = tracked_fd();
@@ -696,6 +760,272 @@ fn fds_belong_to_the_last_frame_starting_in_the_read() {
     let out = decode(&mut d, chunk.as_bytes(), vec![fd]);
     assert_eq!(out.len(), 3);
     assert!(probe.is(frame(&out[2]).fd.as_ref().expect("bound")));
+}
+
+/// (1) A sender writes a handle and a plain message in one `sendmsg` with the handle's
+/// descriptor: the handle gets it, nothing is stray, the plain message comes after it.
+#[test]
+fn handle_then_plain_in_one_read_with_the_handles_fd() {
+    let mut d = Decoder::default();
+    let (fd, probe) = tracked_fd();
+    let chunk = handle_line(r#"{"h":1}"#) + "\n{\"plain\":2}\n";
+    let out = decode(&mut d, chunk.as_bytes(), vec![fd]);
+    assert_eq!(out.len(), 2, "{out:?}");
+    let f = frame(&out[0]);
+    assert!(f.is_handle());
+    assert_eq!(json(&f.text)["msg"]["h"], 1);
+    assert!(probe.is(f.fd.as_ref().expect("bound")));
+    assert_eq!(frame(&out[1]).text, r#"{"plain":2}"#);
+    assert!(frame(&out[1]).fd.is_none());
+    assert!(!probe.closed());
+    drop(out);
+    assert!(probe.closed());
+    assert!(finish(&mut d).is_empty());
+}
+
+/// (2) The kernel merged a handle sent without a descriptor with the next one, sent with one:
+/// the second gets it, the first none.
+#[test]
+fn two_handles_in_one_read_with_one_fd_the_second_gets_it() {
+    let mut d = Decoder::default();
+    let (fd, probe) = tracked_fd();
+    let chunk = handle_line("1") + "\n" + &handle_line("2") + "\n";
+    let out = decode(&mut d, chunk.as_bytes(), vec![fd]);
+    assert_eq!(out.len(), 2, "{out:?}");
+    assert!(frame(&out[0]).is_handle());
+    assert!(frame(&out[0]).fd.is_none());
+    assert_eq!(json(&frame(&out[1]).text)["msg"], 2);
+    assert!(probe.is(frame(&out[1]).fd.as_ref().expect("bound")));
+
+    // With two descriptors, still only the last handle gets one.
+    let (fds, probes) = tracked_fds(2);
+    let out = decode(&mut d, chunk.as_bytes(), fds);
+    assert_eq!(out.len(), 3, "{out:?}");
+    assert!(frame(&out[0]).fd.is_none());
+    assert!(probes[0].is(frame(&out[1]).fd.as_ref().expect("bound")));
+    assert_eq!(*error(&out[2]), stray(1, StrayReason::Surplus));
+    assert!(probes[1].closed());
+}
+
+/// (3) The read with the descriptor ends inside a frame that started in it: the frames from its
+/// first `NODE_HANDLE` on are held back until that frame completes, then come out in order.
+#[test]
+fn frames_are_held_back_until_the_last_frame_of_the_fd_read_completes() {
+    // A plain frame, then a handle continued over three later reads. The plain frame cannot get
+    // the descriptor (it is not a handle and nothing before it is held), so it is not held.
+    let mut d = Decoder::default();
+    let line = handle_line("\"h\"") + "\n";
+    let bytes = line.as_bytes();
+    let (fd, probe) = tracked_fd();
+    let mut first = b"{\"plain\":1}\n".to_vec();
+    first.extend_from_slice(&bytes[..10]);
+    let out = decode(&mut d, &first, vec![fd]);
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(frame(&out[0]).text, r#"{"plain":1}"#);
+    for piece in [&bytes[10..20], &bytes[20..30]] {
+        assert!(decode(&mut d, piece, Vec::new()).is_empty());
+        assert!(!probe.closed());
+    }
+    let out = decode(&mut d, &bytes[30..], Vec::new());
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert!(probe.is(frame(&out[0]).fd.as_ref().expect("bound")));
+
+    // A handle sent without a descriptor, a plain frame, and a handle sent with one, continued
+    // over three later reads: the first handle and the plain frame wait for the second handle
+    // (until it completes, either handle may be the one), then all come out in stream order.
+    let mut d = Decoder::default();
+    let (fd, probe) = tracked_fd();
+    let mut first = b"0\n".to_vec();
+    first.extend_from_slice((handle_line("1") + "\n[2]\n").as_bytes());
+    first.extend_from_slice(&bytes[..10]);
+    let out = decode(&mut d, &first, vec![fd]);
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(frame(&out[0]).text, "0");
+    for end in [20, 30] {
+        assert!(decode(&mut d, &bytes[end - 10..end], Vec::new()).is_empty());
+        // Only the incomplete frame counts, not the frames held back.
+        assert_eq!(d.buffered_len(), end);
+    }
+    let mut last = bytes[30..].to_vec();
+    last.extend_from_slice(b"[3]\n");
+    let out = decode(&mut d, &last, Vec::new());
+    assert_eq!(out.len(), 4, "{out:?}");
+    assert_eq!(json(&frame(&out[0]).text)["msg"], 1);
+    assert!(frame(&out[0]).fd.is_none());
+    assert_eq!(frame(&out[1]).text, "[2]");
+    assert_eq!(json(&frame(&out[2]).text)["msg"], "h");
+    assert!(probe.is(frame(&out[2]).fd.as_ref().expect("bound")));
+    assert_eq!(frame(&out[3]).text, "[3]");
+    assert_eq!(d.buffered_len(), 0);
+
+    // A handle, then a plain frame that completes in a later read: the handle waits for it, and
+    // gets the descriptor.
+    let mut d = Decoder::default();
+    let (fd, probe) = tracked_fd();
+    let chunk = handle_line("4") + "\n[5,";
+    assert!(decode(&mut d, chunk.as_bytes(), vec![fd]).is_empty());
+    assert_eq!(d.buffered_len(), 3);
+    assert!(!probe.closed());
+    let out = decode(&mut d, b"6]\n7\n", Vec::new());
+    assert_eq!(out.len(), 3, "{out:?}");
+    assert!(probe.is(frame(&out[0]).fd.as_ref().expect("bound")));
+    assert_eq!(frame(&out[1]).text, "[5,6]");
+    assert_eq!(frame(&out[2]).text, "7");
+}
+
+/// (4) A handle, then a plain frame that turns out too long, with the handle's descriptor: the
+/// handle gets it, and comes out when the long frame is found too long, before its error.
+#[test]
+fn handle_then_an_over_long_frame_in_the_fd_read() {
+    let max = 100;
+    let h = handle_line("1") + "\n";
+    assert!(h.len() <= max);
+
+    // Found too long while it is still incomplete.
+    let mut d = Decoder::new(max);
+    let (fd, probe) = tracked_fd();
+    let out = decode(&mut d, (h.clone() + "[\"").as_bytes(), vec![fd]);
+    assert!(out.is_empty(), "{out:?}");
+    assert!(decode(&mut d, &[b'x'; 60], Vec::new()).is_empty());
+    let out = decode(&mut d, &[b'x'; 60], Vec::new());
+    assert_eq!(out.len(), 2, "{out:?}");
+    assert!(probe.is(frame(&out[0]).fd.as_ref().expect("bound")));
+    assert_eq!(*error(&out[1]), FrameError::TooLarge { limit: max });
+    assert_eq!(d.buffered_len(), 0);
+    assert!(decode(&mut d, &[b'x'; 1000], Vec::new()).is_empty());
+    let out = decode(&mut d, b"\"]\n[5]\n", Vec::new());
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(frame(&out[0]).text, "[5]");
+
+    // Found too long when it completes.
+    let mut d = Decoder::new(max);
+    let (fd, probe) = tracked_fd();
+    assert!(decode(&mut d, (h.clone() + "[\"").as_bytes(), vec![fd]).is_empty());
+    let mut rest = vec![b'x'; 200];
+    rest.extend_from_slice(b"\"]\n[6]\n");
+    let out = decode(&mut d, &rest, Vec::new());
+    assert_eq!(out.len(), 3, "{out:?}");
+    assert!(probe.is(frame(&out[0]).fd.as_ref().expect("bound")));
+    assert_eq!(*error(&out[1]), FrameError::TooLarge { limit: max });
+    assert_eq!(frame(&out[2]).text, "[6]");
+
+    // And a malformed frame after the handle, complete in the same read.
+    let mut d = Decoder::new(max);
+    let (fd, probe) = tracked_fd();
+    let out = decode(&mut d, (h + "{oops\n").as_bytes(), vec![fd]);
+    assert_eq!(out.len(), 2, "{out:?}");
+    assert!(probe.is(frame(&out[0]).fd.as_ref().expect("bound")));
+    assert!(matches!(error(&out[1]), FrameError::Malformed { .. }));
+}
+
+/// (5) No handle starts in the read: the reason comes from the last frame starting in it.
+#[test]
+fn fd_read_without_a_handle_is_not_a_handle_or_bad_frame() {
+    let mut d = Decoder::default();
+    let (fds, probes) = tracked_fds(2);
+    let out = decode(&mut d, b"1\n\"2\"\n[3]\n", fds);
+    assert_eq!(out.len(), 4, "{out:?}");
+    assert_eq!(frame(&out[2]).text, "[3]");
+    assert!(out[..3].iter().all(|i| frame(i).fd.is_none()));
+    assert_eq!(*error(&out[3]), stray(2, StrayReason::NotAHandle));
+    assert!(probes.iter().all(Probe::closed));
+
+    // Split: plain frames are not held back, the descriptor is released when the last completes.
+    let (fd, probe) = tracked_fd();
+    let out = decode(&mut d, b"1\n[2", vec![fd]);
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(frame(&out[0]).text, "1");
+    assert!(!probe.closed());
+    let out = decode(&mut d, b",3]\n", Vec::new());
+    assert_eq!(out.len(), 2, "{out:?}");
+    assert_eq!(frame(&out[0]).text, "[2,3]");
+    assert_eq!(*error(&out[1]), stray(1, StrayReason::NotAHandle));
+    assert!(probe.closed());
+
+    // The last frame malformed, an earlier one plain: BadFrame.
+    let (fd, probe) = tracked_fd();
+    let out = decode(&mut d, b"1\n{oops\n", vec![fd]);
+    assert_eq!(out.len(), 3, "{out:?}");
+    assert!(matches!(error(&out[1]), FrameError::Malformed { .. }));
+    assert_eq!(*error(&out[2]), stray(1, StrayReason::BadFrame));
+    assert!(probe.closed());
+
+    // An earlier frame malformed, the last one plain: NotAHandle.
+    let (fd, probe) = tracked_fd();
+    let out = decode(&mut d, b"{oops\n1\n", vec![fd]);
+    assert_eq!(out.len(), 3, "{out:?}");
+    assert_eq!(*error(&out[2]), stray(1, StrayReason::NotAHandle));
+    assert!(probe.closed());
+}
+
+#[test]
+fn a_second_fd_read_while_a_decision_is_pending() {
+    let h = |msg: &str| handle_line(msg) + "\n";
+
+    // The pending read's last frame completes in the next read, which carries its own
+    // descriptor for a later handle: first the pending decision, then the new one.
+    let mut d = Decoder::default();
+    let (a, probe_a) = tracked_fd();
+    let (b, probe_b) = tracked_fd();
+    let h2 = h("2");
+    let first = h("1") + &h2[..10];
+    assert!(decode(&mut d, first.as_bytes(), vec![a]).is_empty());
+    let second = h2[10..].to_owned() + &h("3");
+    let out = decode(&mut d, second.as_bytes(), vec![b]);
+    assert_eq!(out.len(), 3, "{out:?}");
+    assert!(frame(&out[0]).fd.is_none());
+    assert!(probe_a.is(frame(&out[1]).fd.as_ref().expect("bound")));
+    assert!(probe_b.is(frame(&out[2]).fd.as_ref().expect("bound")));
+
+    // A read with descriptors in which no frame starts, while one is pending: NoFrame, and the
+    // pending one is not disturbed.
+    let (a, probe_a) = tracked_fd();
+    let (b, probe_b) = tracked_fd();
+    let line = h("4");
+    let first = h("0") + &line[..10];
+    assert!(decode(&mut d, first.as_bytes(), vec![a]).is_empty());
+    assert_eq!(d.buffered_len(), 10);
+    let out = decode(&mut d, &line.as_bytes()[10..20], vec![b]);
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(*error(&out[0]), stray(1, StrayReason::NoFrame));
+    assert!(probe_b.closed());
+    assert!(!probe_a.closed());
+    let out = decode(&mut d, &line.as_bytes()[20..], Vec::new());
+    assert_eq!(out.len(), 2, "{out:?}");
+    assert!(frame(&out[0]).fd.is_none());
+    assert!(probe_a.is(frame(&out[1]).fd.as_ref().expect("bound")));
+
+    // A second descriptor-carrying read that both completes the pending frame and starts one.
+    let (a, probe_a) = tracked_fd();
+    let (b, probe_b) = tracked_fd();
+    let first = "[1]\n".to_owned() + &h("5")[..5];
+    let out = decode(&mut d, first.as_bytes(), vec![a]);
+    assert_eq!(frame(&out[0]).text, "[1]");
+    let second = h("5")[5..].to_owned() + "[6]\n";
+    let out = decode(&mut d, second.as_bytes(), vec![b]);
+    assert_eq!(out.len(), 3, "{out:?}");
+    assert!(probe_a.is(frame(&out[0]).fd.as_ref().expect("bound")));
+    assert_eq!(frame(&out[1]).text, "[6]");
+    assert_eq!(*error(&out[2]), stray(1, StrayReason::NotAHandle));
+    assert!(probe_b.closed());
+}
+
+#[test]
+fn eof_while_the_last_frame_of_an_fd_read_is_incomplete() {
+    // A handle, then a frame the channel ends inside: whether that frame was the handle meant
+    // for the descriptor is unknown, so nothing is bound; the held handle is still delivered.
+    let mut d = Decoder::default();
+    let (fd, probe) = tracked_fd();
+    let chunk = handle_line("1") + "\n[2,";
+    assert!(decode(&mut d, chunk.as_bytes(), vec![fd]).is_empty());
+    let out = finish(&mut d);
+    assert_eq!(out.len(), 3, "{out:?}");
+    assert!(frame(&out[0]).is_handle());
+    assert!(frame(&out[0]).fd.is_none());
+    assert_eq!(*error(&out[1]), stray(1, StrayReason::Truncated));
+    assert_eq!(*error(&out[2]), FrameError::Truncated { len: 3 });
+    assert!(probe.closed());
+    assert!(finish(&mut d).is_empty(), "reported once");
 }
 
 #[test]
@@ -970,7 +1300,10 @@ fn crlf_carriage_return_counts_toward_the_limit() {
     let out = decode(&mut d, b"[1]\n[2]\r\n[3]\n", Vec::new());
     assert_eq!(out.len(), 3, "{out:?}");
     assert_eq!(frame(&out[0]).text, "[1]");
-    assert!(matches!(out[1], Decoded::Error(FrameError::TooLarge { limit: 3 })), "{out:?}");
+    assert!(
+        matches!(out[1], Decoded::Error(FrameError::TooLarge { limit: 3 })),
+        "{out:?}"
+    );
     assert_eq!(frame(&out[2]).text, "[3]");
     let mut d = Decoder::new(4);
     let out = decode(&mut d, b"[2]\r\n", Vec::new());

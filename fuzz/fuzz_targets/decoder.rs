@@ -19,9 +19,11 @@
 //! - leaving out the `StrayFds` reports, the output equals that of the whole stream fed in one
 //!   read without descriptors: one item per line, the same frames and errors;
 //! - every frame is one line of valid JSON; only `NODE_HANDLE` frames carry a descriptor;
-//! - descriptors follow the module docs' rule: a read's descriptors belong to the last frame
-//!   whose first byte is in it; a valid `NODE_HANDLE` frame gets the first one; all others are
-//!   reported with the expected reason and count, and closed;
+//! - descriptors follow the module docs' rule: a read's descriptors belong to the last valid
+//!   `NODE_HANDLE` frame whose first byte is in it, which gets the first one; all others are
+//!   reported with the expected reason and count (if no `NODE_HANDLE` starts in the read, the
+//!   reason comes from the last frame that does; `Truncated` if the stream ends inside that
+//!   frame, whatever starts before it), and closed;
 //! - after the output is dropped, every descriptor is closed.
 #![no_main]
 
@@ -99,10 +101,47 @@ fn newlines(bytes: &[u8]) -> usize {
     bytes.iter().filter(|&&b| b == b'\n').count()
 }
 
-/// Index of the last line whose first byte is in `stream[range]`.
-fn owner_line(stream: &[u8], range: Range<usize>) -> Option<usize> {
-    let start = range.rev().find(|&p| p == 0 || stream[p - 1] == b'\n')?;
-    Some(newlines(&stream[..start]))
+/// The lines (numbered from 0) whose first byte is in `stream[range]`.
+fn lines_starting_in(stream: &[u8], range: Range<usize>) -> Range<usize> {
+    if range.is_empty() {
+        return 0..0;
+    }
+    let at_line_start = range.start == 0 || stream[range.start - 1] == b'\n';
+    let first = newlines(&stream[..range.start]) + usize::from(!at_line_start);
+    // The line holding the read's last byte is the last line starting in it, if any does.
+    first..newlines(&stream[..range.end - 1]) + 1
+}
+
+/// What the rule makes of `nfds` descriptors arriving with `stream[range]`, given the whole
+/// stream's items: the line that gets the first one, and the stray report, if any.
+fn expected_binding(
+    stream: &[u8],
+    range: Range<usize>,
+    nfds: usize,
+    oracle: &[Item],
+) -> (Option<usize>, Option<(usize, StrayReason)>) {
+    let lines = lines_starting_in(stream, range);
+    let Some(last) = lines.clone().last() else {
+        return (None, Some((nfds, StrayReason::NoFrame)));
+    };
+    if matches!(oracle[last], Item::Error(FrameError::Truncated { .. })) {
+        return (None, Some((nfds, StrayReason::Truncated)));
+    }
+    let is_handle = |line: &usize| {
+        matches!(&oracle[*line], Item::Frame { internal_cmd, .. }
+            if internal_cmd.as_deref() == Some("NODE_HANDLE"))
+    };
+    if let Some(handle) = lines.rev().find(is_handle) {
+        return (
+            Some(handle),
+            (nfds > 1).then(|| (nfds - 1, StrayReason::Surplus)),
+        );
+    }
+    let reason = match &oracle[last] {
+        Item::Frame { .. } => StrayReason::NotAHandle,
+        Item::Error(_) => StrayReason::BadFrame,
+    };
+    (None, Some((nfds, reason)))
 }
 
 fn sorted(mut v: Vec<(usize, StrayReason)>) -> Vec<(String, usize)> {
@@ -172,26 +211,11 @@ fn run(input: &[u8]) {
             probes.push(probe);
         }
         if nfds > 0 {
-            let reason = match owner_line(stream, range.clone()) {
-                None => Some(StrayReason::NoFrame),
-                Some(line) => match &oracle[line] {
-                    Item::Frame { internal_cmd, .. }
-                        if internal_cmd.as_deref() == Some("NODE_HANDLE") =>
-                    {
-                        bound_to_line.insert(line, first);
-                        if nfds > 1 {
-                            expected_strays.push((nfds - 1, StrayReason::Surplus));
-                        }
-                        None
-                    }
-                    Item::Frame { .. } => Some(StrayReason::NotAHandle),
-                    Item::Error(FrameError::Truncated { .. }) => Some(StrayReason::Truncated),
-                    Item::Error(_) => Some(StrayReason::BadFrame),
-                },
-            };
-            if let Some(reason) = reason {
-                expected_strays.push((nfds, reason));
+            let (bound, stray) = expected_binding(stream, range.clone(), nfds, &oracle);
+            if let Some(line) = bound {
+                assert!(bound_to_line.insert(line, first).is_none());
             }
+            expected_strays.extend(stray);
         }
         d.decode(&stream[range], fds, &mut out);
         assert!(

@@ -7,13 +7,40 @@
 //!
 //! # Which frame a descriptor belongs to
 //! A sender (libuv, or handoff) attaches a handle's descriptor to the `sendmsg` that carries the
-//! first byte of its `NODE_HANDLE` line, and Linux never returns stream data past a segment that
-//! carried descriptors in the same `recvmsg`. So the descriptors of a read belong to the **last
-//! frame whose first byte is in that read**. If that frame is a `NODE_HANDLE`, it gets the first
-//! descriptor; every other descriptor is surplus. Descriptors of a read in which no frame starts,
-//! or whose frame is not a `NODE_HANDLE`, belong to nothing. Unclaimed descriptors are dropped
-//! (closed) and reported as [`FrameError::StrayFds`] — never handed on to a later frame, which is
-//! how Node misattributes them (protocol doc §4.2).
+//! first byte of its `NODE_HANDLE` line; that `sendmsg` may carry more lines after it (a sender
+//! that writes a handle and the messages queued behind it at once), and it may be split by the
+//! kernel. Linux never returns stream data past a segment that carried descriptors in the same
+//! `recvmsg`, so the descriptor segment is the *last* part of the read that brings its
+//! descriptors, and its owner is the first `NODE_HANDLE` line starting in that segment (protocol
+//! doc §4.5: "bind each fd to the `NODE_HANDLE` whose first bytes it arrived with"). Where that
+//! segment starts inside the read cannot be seen, but every `NODE_HANDLE` line of a well-behaved
+//! sender that starts before the owner, in an earlier segment, came without descriptors, and none
+//! can start after it. So:
+//!
+//! * the descriptors of a read belong to the **last `NODE_HANDLE` frame whose first byte is in
+//!   that read**. It gets the first descriptor; the others are surplus
+//!   ([`StrayReason::Surplus`]). This is right both for a handle followed by plain lines in one
+//!   `sendmsg` (the handle is the last `NODE_HANDLE` starting in the read) and for a kernel merge
+//!   of a handle sent without a descriptor with the next one sent with it (the later one is).
+//! * If no frame starts in the read, the descriptors belong to nothing
+//!   ([`StrayReason::NoFrame`]).
+//! * If frames start in the read but none of them is a valid `NODE_HANDLE`, the reason is taken
+//!   from the *last* frame starting in the read: [`StrayReason::NotAHandle`] if it is a valid
+//!   message, [`StrayReason::BadFrame`] if it is malformed or too large (a malformed or
+//!   over-long line is never a `NODE_HANDLE` frame, even if an earlier one in the read is bad
+//!   too). If the channel ends before that last frame is complete, it is unknown whether it was
+//!   the handle, so the descriptors are closed as [`StrayReason::Truncated`] and any complete
+//!   `NODE_HANDLE` frame before it in the read is delivered without them.
+//!
+//! Unclaimed descriptors are dropped (closed) and reported as [`FrameError::StrayFds`] — never
+//! handed on to a frame of a later read, which is how Node misattributes them (protocol doc §4.2).
+//!
+//! Which frame is the last `NODE_HANDLE` starting in a read is known only when the last frame
+//! starting in it is complete, possibly several reads later. Frames are produced in stream order,
+//! so from the first complete `NODE_HANDLE` frame of such a read on, the frames are held back
+//! until that last frame completes (or turns out too long, or the channel ends); frames before it
+//! cannot get a descriptor and are produced at once. The held frames are at most one read's worth,
+//! and a frame that starts in a read without descriptors is never held back.
 //!
 //! # Text
 //! Lines are decoded as UTF-8; invalid bytes become U+FFFD, as Node's stream decoder does. JSON
@@ -43,7 +70,8 @@ pub struct Frame {
     /// `Some(cmd)` when the message is internal: an object whose `cmd` is a string longer than
     /// five characters starting with `NODE_` (Node's rule, protocol doc §3).
     pub internal_cmd: Option<String>,
-    /// The descriptor that arrived with this frame's first byte, if this is a `NODE_HANDLE`.
+    /// The descriptor bound to this frame (only ever to a `NODE_HANDLE`; see the module docs for
+    /// which one).
     pub fd: Option<OwnedFd>,
 }
 
@@ -59,13 +87,15 @@ impl Frame {
 pub enum StrayReason {
     /// No frame started in the read that carried them.
     NoFrame,
-    /// The frame they came with is not a `NODE_HANDLE` message.
+    /// No frame that started in their read is a `NODE_HANDLE` message, and the last one is a
+    /// valid message.
     NotAHandle,
     /// The `NODE_HANDLE` frame already took one descriptor; these came in addition.
     Surplus,
-    /// The frame they came with was malformed or too large.
+    /// No frame that started in their read is a `NODE_HANDLE` message, and the last one was
+    /// malformed or too large.
     BadFrame,
-    /// The channel ended before their frame was complete.
+    /// The channel ended before the last frame that started in their read was complete.
     Truncated,
 }
 
@@ -73,7 +103,9 @@ impl fmt::Display for StrayReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             StrayReason::NoFrame => "no message started in the read that carried them",
-            StrayReason::NotAHandle => "they came with a message that is not NODE_HANDLE",
+            StrayReason::NotAHandle => {
+                "no NODE_HANDLE message started in the read that carried them"
+            }
             StrayReason::Surplus => "a NODE_HANDLE message carries exactly one descriptor",
             StrayReason::BadFrame => "the message they came with could not be decoded",
             StrayReason::Truncated => "the channel closed before their message was complete",
@@ -134,10 +166,31 @@ pub struct Decoder {
     max_frame_len: usize,
     /// Bytes of the frame in progress (it started in an earlier read).
     partial: Vec<u8>,
-    /// Descriptors bound to the frame in progress.
-    partial_fds: Vec<OwnedFd>,
     /// Discarding an over-long frame up to its terminating newline.
     skipping: bool,
+    /// Descriptors whose frame is not decided yet, and the frames held back meanwhile.
+    pending: Option<Pending>,
+}
+
+/// The descriptors of one read, until the last frame that started in that read is complete (see
+/// the module docs). While it exists, every item the decoder produces comes from a frame that
+/// started in that read.
+#[derive(Debug)]
+struct Pending {
+    /// The read's descriptors (never empty).
+    fds: Vec<OwnedFd>,
+    /// Items produced by earlier calls of `decode` and held back: empty, or starting with the
+    /// first `NODE_HANDLE` frame of the read.
+    held: Vec<Decoded>,
+    /// Where this call's items start in its `out`. The items so far are `held` followed by
+    /// `out[out_start..]`; the positions below count in that sequence.
+    out_start: usize,
+    /// Position of the first `NODE_HANDLE` frame so far.
+    first_handle: Option<usize>,
+    /// Position of the last `NODE_HANDLE` frame so far: the one the descriptors go to.
+    last_handle: Option<usize>,
+    /// The frame in progress is the last that started in the read: its item decides.
+    last_started: bool,
 }
 
 impl Default for Decoder {
@@ -150,16 +203,19 @@ impl Decoder {
     /// A decoder that refuses lines longer than `max_frame_len` bytes, counting every byte before
     /// the `\n` (so the `\r` of a `\r\n` ending counts).
     pub fn new(max_frame_len: usize) -> Decoder {
-        Decoder { max_frame_len, partial: Vec::new(), partial_fds: Vec::new(), skipping: false }
+        Decoder { max_frame_len, partial: Vec::new(), skipping: false, pending: None }
     }
 
-    /// Bytes of an incomplete frame held from earlier reads.
+    /// Bytes of an incomplete frame held from earlier reads. Complete frames held back until a
+    /// descriptor's frame is known (see the module docs) are not counted; they come from a single
+    /// read.
     pub fn buffered_len(&self) -> usize {
         self.partial.len()
     }
 
     /// Feeds one read: `chunk` and the descriptors that arrived with it. Appends what it decoded
-    /// to `out`, in stream order.
+    /// to `out`, in stream order. Frames that may still get this or an earlier read's descriptors
+    /// are held back and appended by a later call (see the module docs).
     pub fn decode(&mut self, chunk: &[u8], fds: Vec<OwnedFd>, out: &mut Vec<Decoded>) {
         if chunk.is_empty() {
             if !fds.is_empty() {
@@ -167,44 +223,54 @@ impl Decoder {
             }
             return;
         }
-        // Where the frame that owns this read's descriptors starts (see module docs).
-        let mut fd_owner_start = None;
+        // Where the first and the last frame starting in this read begin, if it carries
+        // descriptors (see module docs).
+        let mut starts = None;
         let mut fds = Some(fds).filter(|f| !f.is_empty());
         if fds.is_some() {
-            let before_last = &chunk[..chunk.len() - 1];
-            fd_owner_start = match memchr::memrchr(b'\n', before_last) {
-                Some(i) => Some(i + 1),
-                None if self.partial.is_empty() && !self.skipping => Some(0),
-                None => None,
+            let first = if self.partial.is_empty() && !self.skipping {
+                Some(0)
+            } else {
+                memchr::memchr(b'\n', chunk).map(|i| i + 1).filter(|&s| s < chunk.len())
             };
-            if fd_owner_start.is_none() {
-                stray(out, fds.take().unwrap_or_default(), StrayReason::NoFrame);
+            match first {
+                Some(first) => {
+                    let last = memchr::memrchr(b'\n', &chunk[first..chunk.len() - 1])
+                        .map_or(first, |i| first + i + 1);
+                    starts = Some((first, last));
+                }
+                None => stray(out, fds.take().unwrap_or_default(), StrayReason::NoFrame),
             }
+        }
+        if let Some(pending) = &mut self.pending {
+            pending.out_start = out.len();
         }
 
         let mut start = 0;
         for nl in memchr::memchr_iter(b'\n', chunk) {
-            let line = &chunk[start..nl];
-            if fd_owner_start == Some(start) {
-                self.partial_fds.extend(fds.take().unwrap_or_default());
+            if starts.is_some() {
+                self.frame_starts(start, &mut starts, &mut fds, out);
             }
-            self.finish_line(line, out);
+            self.finish_line(&chunk[start..nl], out);
             start = nl + 1;
         }
         if start < chunk.len() {
-            if fd_owner_start == Some(start) {
-                self.partial_fds.extend(fds.take().unwrap_or_default());
+            if starts.is_some() {
+                self.frame_starts(start, &mut starts, &mut fds, out);
             }
             self.hold(&chunk[start..], out);
         }
-        debug_assert!(fds.is_none(), "every descriptor is bound or reported");
+        debug_assert!(fds.is_none(), "every descriptor is bound, pending or reported");
+        self.hold_back(out);
     }
 
-    /// The peer closed the channel: reports an incomplete frame, if any.
+    /// The peer closed the channel: delivers the frames held back and reports an incomplete
+    /// frame, if any.
     pub fn finish(&mut self, out: &mut Vec<Decoded>) {
-        let held_fds = std::mem::take(&mut self.partial_fds);
-        if !held_fds.is_empty() {
-            stray(out, held_fds, StrayReason::Truncated);
+        if let Some(pending) = self.pending.take() {
+            // Whether the incomplete last frame was the handle is unknown: bind nothing.
+            out.extend(pending.held);
+            stray(out, pending.fds, StrayReason::Truncated);
         }
         if !self.partial.is_empty() {
             out.push(Decoded::Error(FrameError::Truncated { len: self.partial.len() }));
@@ -213,57 +279,129 @@ impl Decoder {
         self.skipping = false;
     }
 
+    /// A frame starts at `at` in a read whose first and last frame start at `starts`.
+    fn frame_starts(
+        &mut self,
+        at: usize,
+        starts: &mut Option<(usize, usize)>,
+        fds: &mut Option<Vec<OwnedFd>>,
+        out: &[Decoded],
+    ) {
+        let Some((first, last)) = *starts else { return };
+        if at == first {
+            // An earlier read's decision was made when its last frame ended, before this one.
+            debug_assert!(self.pending.is_none());
+            self.pending = Some(Pending {
+                fds: fds.take().unwrap_or_default(),
+                held: Vec::new(),
+                out_start: out.len(),
+                first_handle: None,
+                last_handle: None,
+                last_started: false,
+            });
+        }
+        if at == last {
+            if let Some(pending) = &mut self.pending {
+                pending.last_started = true;
+            }
+            *starts = None;
+        }
+    }
+
+    /// Appends one frame's item, held back with the descriptors' decision if one is pending.
+    fn emit(&mut self, item: Decoded, out: &mut Vec<Decoded>) {
+        let Some(pending) = &mut self.pending else {
+            out.push(item);
+            return;
+        };
+        if let Decoded::Frame(frame) = &item {
+            if frame.is_handle() {
+                let at = pending.held.len() + out.len() - pending.out_start;
+                pending.first_handle.get_or_insert(at);
+                pending.last_handle = Some(at);
+            }
+        }
+        out.push(item);
+        if pending.last_started {
+            self.decide(out);
+        }
+    }
+
+    /// The last frame of the pending read has just been appended to `out`: binds the descriptors
+    /// and releases the frames held back, in order.
+    fn decide(&mut self, out: &mut Vec<Decoded>) {
+        let Some(Pending { mut fds, held, out_start, last_handle, .. }) = self.pending.take()
+        else {
+            return;
+        };
+        let reason = match (last_handle, out.last()) {
+            (Some(_), _) => StrayReason::Surplus,
+            (None, Some(Decoded::Frame(_))) => StrayReason::NotAHandle,
+            (None, _) => StrayReason::BadFrame,
+        };
+        if !held.is_empty() {
+            out.splice(out_start..out_start, held);
+        }
+        if let Some(at) = last_handle {
+            if let Decoded::Frame(frame) = &mut out[out_start + at] {
+                frame.fd = Some(fds.remove(0));
+            }
+        }
+        if !fds.is_empty() {
+            stray(out, fds, reason);
+        }
+    }
+
+    /// At the end of a read, still undecided: takes back from `out` the items from the first
+    /// `NODE_HANDLE` frame of the pending read on. Items before it can get no descriptor.
+    fn hold_back(&mut self, out: &mut Vec<Decoded>) {
+        let Some(pending) = &mut self.pending else {
+            return;
+        };
+        let from = if !pending.held.is_empty() {
+            pending.out_start
+        } else if let Some(first) = pending.first_handle {
+            pending.first_handle = Some(0);
+            pending.last_handle = pending.last_handle.map(|last| last - first);
+            pending.out_start + first
+        } else {
+            return;
+        };
+        pending.held.extend(out.drain(from..));
+    }
+
     /// Keeps the start of an incomplete frame, unless it is already too long.
     fn hold(&mut self, bytes: &[u8], out: &mut Vec<Decoded>) {
         if self.skipping {
             return;
         }
         if self.partial.len() + bytes.len() > self.max_frame_len {
-            self.start_skipping(out);
+            self.skipping = true;
+            self.partial = Vec::new();
+            self.emit(Decoded::Error(FrameError::TooLarge { limit: self.max_frame_len }), out);
             return;
         }
         self.partial.extend_from_slice(bytes);
     }
 
-    fn start_skipping(&mut self, out: &mut Vec<Decoded>) {
-        self.skipping = true;
-        self.partial = Vec::new();
-        out.push(Decoded::Error(FrameError::TooLarge { limit: self.max_frame_len }));
-        let fds = std::mem::take(&mut self.partial_fds);
-        if !fds.is_empty() {
-            stray(out, fds, StrayReason::BadFrame);
-        }
-    }
-
     /// `tail` is the end of a line (its `\n` excluded); completes the frame.
     fn finish_line(&mut self, tail: &[u8], out: &mut Vec<Decoded>) {
         if self.skipping {
+            // Its `TooLarge` was reported when it went over the limit.
             self.skipping = false;
             return;
         }
-        let fds = std::mem::take(&mut self.partial_fds);
-        if self.partial.is_empty() {
-            if tail.len() > self.max_frame_len {
-                out.push(Decoded::Error(FrameError::TooLarge { limit: self.max_frame_len }));
-                if !fds.is_empty() {
-                    stray(out, fds, StrayReason::BadFrame);
-                }
-                return;
-            }
-            emit_line(tail, fds, out);
+        let item = if self.partial.len() + tail.len() > self.max_frame_len {
+            self.partial = Vec::new();
+            Decoded::Error(FrameError::TooLarge { limit: self.max_frame_len })
+        } else if self.partial.is_empty() {
+            parse_frame(tail)
         } else {
-            if self.partial.len() + tail.len() > self.max_frame_len {
-                self.partial = Vec::new();
-                out.push(Decoded::Error(FrameError::TooLarge { limit: self.max_frame_len }));
-                if !fds.is_empty() {
-                    stray(out, fds, StrayReason::BadFrame);
-                }
-                return;
-            }
             let mut line = std::mem::take(&mut self.partial);
             line.extend_from_slice(tail);
-            emit_line(&line, fds, out);
-        }
+            parse_frame(&line)
+        };
+        self.emit(item, out);
     }
 }
 
@@ -273,32 +411,11 @@ fn stray(out: &mut Vec<Decoded>, fds: Vec<OwnedFd>, reason: StrayReason) {
     out.push(Decoded::Error(FrameError::StrayFds { count, reason }));
 }
 
-/// Parses one complete line and binds its descriptors.
-fn emit_line(line: &[u8], mut fds: Vec<OwnedFd>, out: &mut Vec<Decoded>) {
+/// Parses one complete line into a frame (without a descriptor yet) or an error.
+fn parse_frame(line: &[u8]) -> Decoded {
     match parse_line(line) {
-        Ok((text, internal_cmd)) => {
-            let mut frame = Frame { text, internal_cmd, fd: None };
-            if !fds.is_empty() {
-                if frame.is_handle() {
-                    frame.fd = Some(fds.remove(0));
-                    out.push(Decoded::Frame(frame));
-                    if !fds.is_empty() {
-                        stray(out, fds, StrayReason::Surplus);
-                    }
-                    return;
-                }
-                out.push(Decoded::Frame(frame));
-                stray(out, fds, StrayReason::NotAHandle);
-                return;
-            }
-            out.push(Decoded::Frame(frame));
-        }
-        Err(error) => {
-            out.push(Decoded::Error(error));
-            if !fds.is_empty() {
-                stray(out, fds, StrayReason::BadFrame);
-            }
-        }
+        Ok((text, internal_cmd)) => Decoded::Frame(Frame { text, internal_cmd, fd: None }),
+        Err(error) => Decoded::Error(error),
     }
 }
 
