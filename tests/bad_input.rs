@@ -902,9 +902,6 @@ fn child_killed_while_handles_are_queued_gives_them_back() {
 // ---------------------------------------------------------------------------------------------
 
 #[test]
-#[ignore = "bug: a sendmsg that starts with a NODE_HANDLE line and carries more lines binds the fd to \
-            the LAST line (Decoder::decode's fd_owner_start), so the handle is NACKed and its fd \
-            closed as NotAHandle; Node binds it to the NODE_HANDLE"]
 fn fd_with_a_handle_line_followed_by_more_lines_in_one_write() {
     run(async {
         let baseline = util::open_fds();
