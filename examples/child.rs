@@ -7,7 +7,7 @@
 
 use tokio::io::AsyncWriteExt;
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let Some(mut parent) = handoff::process::parent_channel()? else {
         eprintln!("child: no IPC channel; start me from a handoff or Node parent");

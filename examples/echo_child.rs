@@ -5,7 +5,7 @@
 //! `child_process.fork` / `spawn(..., {stdio: [0, 1, 2, 'ipc']})`. When the parent closes the
 //! channel it finishes the sessions in progress, then exits 0.
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let Some(mut parent) = handoff::process::parent_channel()? else {
         eprintln!("echo_child: no IPC channel; start me from a handoff or Node parent");

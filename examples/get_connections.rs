@@ -17,7 +17,7 @@ use std::time::Duration;
 use handoff::server::Server;
 use tokio::signal::unix::{signal, SignalKind};
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let (port, child_command) = parse_args(std::env::args_os().skip(1))?;
     let mut terminate = signal(SignalKind::terminate())?;

@@ -37,7 +37,7 @@ const VALUES: &str = include_str!("../tests/node/interop_values.json");
 /// The unit of the shared big string (see `bigString` in `tests/node/interop_lib.js`).
 const BIG_UNIT: &str = "abc\u{fc}\u{20ac}\u{1F600}\u{2028}";
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let Some(channel) = handoff::process::parent_channel()? else {
         eprintln!("interop_child: no IPC channel; start me from a Node or handoff parent");

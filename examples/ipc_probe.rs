@@ -14,7 +14,7 @@ use std::os::fd::RawFd;
 
 use serde_json::{json, Value};
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let mut parent = match handoff::process::parent_channel() {
         Ok(Some(channel)) => channel,

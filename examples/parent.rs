@@ -9,7 +9,7 @@
 
 use std::ffi::OsString;
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let (port, child_command) = parse_args(std::env::args_os().skip(1))?;
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
@@ -29,10 +29,14 @@ async fn main() -> anyhow::Result<()> {
             accepted = listener.accept() => {
                 let (socket, _) = accepted?;
                 // child.send('socket', socket): the connection is moved to the child and our
-                // copy closed once the child acknowledges it.
-                if let Err(e) = sender.send_handle(&"socket", socket).await {
-                    eprintln!("parent: could not hand the connection over: {e}");
-                }
+                // copy closed once the child acknowledges it. Accepting goes on meanwhile; the
+                // channel keeps the handles in order behind each acknowledgement.
+                let delivery = sender.queue_handle(&"socket", socket).await?;
+                tokio::spawn(async move {
+                    if let Err(e) = delivery.await {
+                        eprintln!("parent: could not hand the connection over: {e}");
+                    }
+                });
             }
             status = child.wait() => {
                 let status = status?;

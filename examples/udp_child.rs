@@ -4,7 +4,7 @@
 //! Works under a handoff parent or a Node parent (`child.send('udp', socket)`). Exits 0 when the
 //! parent closes the channel.
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let Some(mut parent) = handoff::process::parent_channel()? else {
         eprintln!("udp_child: no IPC channel; start me from a handoff or Node parent");

@@ -43,10 +43,13 @@ pub(crate) async fn parent(args: DemoArgs) -> anyhow::Result<()> {
     let serve = async move {
         loop {
             let (socket, _) = listener.accept().await?;
-            sender
-                .send_handle(&"socket", socket)
-                .await
-                .context("could not hand the connection to the child")?;
+            // Queue it and accept on; the channel delivers handles in order, one ACK at a time.
+            let delivery = sender.queue_handle(&"socket", socket).await?;
+            tokio::spawn(async move {
+                if let Err(e) = delivery.await {
+                    eprintln!("demo: could not hand a connection to the child: {e}");
+                }
+            });
         }
         #[allow(unreachable_code)]
         Ok::<(), anyhow::Error>(())

@@ -26,7 +26,7 @@ enum Commands {
     DemoChild,
 }
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Commands::Demo(args) => demo::parent(args).await,
