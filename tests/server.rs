@@ -231,3 +231,96 @@ fn keep_open_connections_are_counted_by_both_processes() {
         util::within("close()", server.close()).await.unwrap();
     })
 }
+
+type Lines = tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>;
+
+async fn next_line(stdout: &mut Lines) -> String {
+    util::within("a line on stdout", stdout.next_line()).await.unwrap().expect("stdout open")
+}
+
+/// Runs `examples/get_connections` with `child` (empty: its default Rust child) and checks its
+/// stdout, line by line, through three connections, SIGTERM, and the clients closing.
+async fn get_connections_example(child: &[&str]) {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut command = tokio::process::Command::new(util::example("get_connections"));
+    command.args(["--port", "0"]);
+    if !child.is_empty() {
+        command.arg("--").args(child);
+    }
+    let mut example = command
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(example.stderr.take().unwrap()).lines();
+    let first = util::within("the address", stderr.next_line()).await.unwrap().unwrap();
+    let addr: SocketAddr = first.strip_prefix("listening on ").unwrap().parse().unwrap();
+    let mut stdout = BufReader::new(example.stdout.take().unwrap()).lines();
+    assert_eq!(next_line(&mut stdout).await, "connections=0");
+    let mut clients = Vec::new();
+    for expected in 1..=3 {
+        let mut stream = tokio::task::spawn_blocking(move || client(addr)).await.unwrap();
+        assert_echo(&mut stream);
+        clients.push(stream);
+        // Polled every 100 ms: the count may jump, but it only goes up, to 3.
+        loop {
+            let line = next_line(&mut stdout).await;
+            let n: usize = line.strip_prefix("connections=").expect(&line).parse().unwrap();
+            assert!(n <= 3, "{line}");
+            if n >= expected {
+                break;
+            }
+        }
+    }
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(example.id().unwrap() as i32).unwrap(),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    let mut after: Vec<String> = Vec::new();
+    while after.last().map(String::as_str) != Some("closing") {
+        after.push(next_line(&mut stdout).await);
+    }
+    while let Some(stream) = clients.pop() {
+        drop(stream);
+        let left = clients.len();
+        // Each close shows up as a new count (the poller keeps going while closing).
+        loop {
+            let line = next_line(&mut stdout).await;
+            if line == format!("connections={left}") || (left == 0 && line == "closed") {
+                after.push(line);
+                break;
+            }
+            after.push(line);
+        }
+    }
+    while after.last().map(String::as_str) != Some("closed") {
+        after.push(next_line(&mut stdout).await);
+    }
+    let status = util::within("exit", example.wait()).await.unwrap();
+    assert!(status.success(), "{status}: {after:?}");
+    assert!(util::within("end of stdout", stdout.next_line()).await.unwrap().is_none());
+    let pos = |s: &str| after.iter().position(|l| l == s).unwrap_or_else(|| panic!("{s} missing: {after:?}"));
+    assert!(pos("closing") < pos("closed"), "{after:?}");
+    for line in &after {
+        assert!(
+            line == "closing" || line == "closed" || line.starts_with("connections="),
+            "unexpected line {line:?} in {after:?}"
+        );
+    }
+}
+
+#[test]
+fn get_connections_example_with_rust_child() {
+    util::serial_test(get_connections_example(&[]))
+}
+
+#[test]
+fn get_connections_example_with_node_child() {
+    util::serial_test(async {
+        let Some(_) = util::node() else { return };
+        let script = util::node_script("echo_child.js");
+        get_connections_example(&["node", script.to_str().unwrap()]).await
+    })
+}
