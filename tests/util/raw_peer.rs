@@ -21,7 +21,6 @@ pub const ACK: &[u8] = b"{\"cmd\":\"NODE_HANDLE_ACK\"}\n";
 pub const NACK: &[u8] = b"{\"cmd\":\"NODE_HANDLE_NACK\"}\n";
 
 /// The far end of a channel, driven by hand: bytes and descriptors exactly as the test says.
-
 /// The far end of a channel, driven by hand: bytes and descriptors exactly as the test says.
 pub struct RawPeer {
     pub sock: tokio::net::UnixStream,
@@ -36,7 +35,6 @@ pub struct RawPeer {
 }
 
 /// A channel on one end of a fresh socket pair and a raw peer on the other.
-
 /// A channel on one end of a fresh socket pair and a raw peer on the other.
 pub fn raw_channel(config: ChannelConfig) -> (Channel, RawPeer) {
     let (ours, theirs) = rustix::net::socketpair(
@@ -234,7 +232,6 @@ pub fn file_id(fd: impl AsFd) -> FileId {
 }
 
 /// How many descriptors of this process refer to `id`.
-
 /// How many descriptors of this process refer to `id`.
 pub fn copies(id: FileId) -> usize {
     super::open_fds()
@@ -247,7 +244,6 @@ pub fn copies(id: FileId) -> usize {
 }
 
 /// Waits (up to 5 s) until exactly `n` descriptors of this process refer to `id`.
-
 /// Waits (up to 5 s) until exactly `n` descriptors of this process refer to `id`.
 pub async fn wait_copies(id: FileId, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -266,7 +262,6 @@ pub async fn wait_copies(id: FileId, n: usize) {
 
 /// A stream socket pair: send `.0` over the channel (then drop it here); `.1` sees EOF once every
 /// copy of `.0` is closed.
-
 /// A stream socket pair: send `.0` over the channel (then drop it here); `.1` sees EOF once every
 /// copy of `.0` is closed.
 pub fn probe() -> (OwnedFd, std::os::unix::net::UnixStream) {
@@ -275,7 +270,6 @@ pub fn probe() -> (OwnedFd, std::os::unix::net::UnixStream) {
 }
 
 /// Waits until the other end of `watch` is closed everywhere (read returns EOF).
-
 /// Waits until the other end of `watch` is closed everywhere (read returns EOF).
 pub async fn assert_peer_closed(watch: &std::os::unix::net::UnixStream) {
     watch.set_nonblocking(true).unwrap();
@@ -297,7 +291,6 @@ pub async fn assert_peer_closed(watch: &std::os::unix::net::UnixStream) {
 }
 
 /// A connected TCP pair: (client, server side).
-
 /// A connected TCP pair: (client, server side).
 pub fn tcp_pair() -> (std::net::TcpStream, std::net::TcpStream) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
