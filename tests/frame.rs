@@ -1309,3 +1309,53 @@ fn crlf_carriage_return_counts_toward_the_limit() {
     let out = decode(&mut d, b"[2]\r\n", Vec::new());
     assert_eq!(frame(&out[0]).text, "[2]");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Encoding: large messages take the SIMD path; the result must mean the same as serde_json's.
+// ---------------------------------------------------------------------------------------------
+
+fn arb_json() -> impl Strategy<Value = serde_json::Value> {
+    let leaf = prop_oneof![
+        Just(serde_json::Value::Null),
+        any::<bool>().prop_map(serde_json::Value::from),
+        any::<i64>().prop_map(serde_json::Value::from),
+        any::<u64>().prop_map(serde_json::Value::from),
+        any::<f64>().prop_map(serde_json::Value::from),
+        ".{0,40}".prop_map(serde_json::Value::from),
+        // Long strings with escapes and non-ASCII, so values cross the large-message threshold.
+        (proptest::collection::vec(prop_oneof![Just("\"".to_string()), Just("\\\\".to_string()), Just("\n".to_string()), Just("\u{1}".to_string()), Just("\u{2028}".to_string()), Just("é😀".to_string()), "[a-z]{1,64}"], 0..400))
+            .prop_map(|parts| serde_json::Value::from(parts.concat())),
+    ];
+    leaf.prop_recursive(4, 64, 8, |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..8).prop_map(serde_json::Value::from),
+            proptest::collection::btree_map(".{0,12}", inner, 0..8)
+                .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+    /// Whatever path `encode` takes, the line parses back to the same value serde_json would
+    /// produce, holds one newline (its last byte), and decodes as one frame.
+    #[test]
+    fn encode_means_what_serde_json_means(value in arb_json()) {
+        let line = handoff::channel::frame::encode(&value).unwrap();
+        prop_assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1);
+        prop_assert_eq!(*line.last().unwrap(), b'\n');
+        let back: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        let reference: serde_json::Value = serde_json::from_slice(&serde_json::to_vec(&value).unwrap()).unwrap();
+        prop_assert_eq!(back, reference);
+    }
+}
+
+#[test]
+fn large_messages_keep_raw_values_and_non_finite_floats_as_serde_json_does() {
+    let raw = serde_json::value::RawValue::from_string(format!("[{}]", "1,".repeat(10_000) + "1")).unwrap();
+    let line = handoff::channel::frame::encode(&raw).unwrap();
+    assert_eq!(&line[..line.len() - 1], raw.get().as_bytes());
+    let floats = vec![f64::NAN; 5_000];
+    let line = handoff::channel::frame::encode(&floats).unwrap();
+    assert_eq!(line, [serde_json::to_vec(&floats).unwrap(), b"\n".to_vec()].concat());
+}

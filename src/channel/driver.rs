@@ -45,6 +45,10 @@ const READS_PER_WAKE: usize = 16;
 const MAX_IOVECS: usize = 128;
 /// Most bytes gathered into one `sendmsg`.
 const MAX_GATHER_BYTES: usize = 1024 * 1024;
+/// Frames shorter than this are copied into one staging buffer before writing.
+const SMALL_FRAME: usize = 4 * 1024;
+/// Most bytes staged for one `sendmsg`.
+const MAX_STAGED_BYTES: usize = 256 * 1024;
 /// How often pending `NODE_SOCKET_NOTIFY_CLOSE` requests are re-checked.
 const CLOSE_POLL: std::time::Duration = std::time::Duration::from_millis(50);
 
@@ -114,6 +118,8 @@ pub(crate) struct Driver {
     next_close_check: Instant,
     /// Writing failed because the peer closed its end; reading goes on until end-of-file.
     peer_gone: bool,
+    /// Reused buffer into which small frames are copied for one write.
+    staging: Vec<u8>,
 }
 
 impl Driver {
@@ -144,6 +150,7 @@ impl Driver {
             socket_lists: ReceiveLists::default(),
             next_close_check: Instant::now(),
             peer_gone: false,
+            staging: Vec::new(),
         }
     }
 
@@ -305,7 +312,26 @@ impl Driver {
                 self.stream.try_io(Interest::WRITABLE, || {
                     sys::send_with_fds(self.stream.as_fd(), &[IoSlice::new(bytes)], &[fd])
                 })
+            } else if front.bytes.len() - self.front_written < SMALL_FRAME {
+                // Small frames are copied into one buffer: the kernel's per-segment cost for a
+                // writev of many tiny iovecs is far above a userspace memcpy.
+                self.staging.clear();
+                for (i, item) in self.write_queue.iter().enumerate() {
+                    let bytes = if i == 0 { &item.bytes[self.front_written..] } else { &item.bytes[..] };
+                    if i > 0 && (item.handle.is_some() || bytes.len() >= SMALL_FRAME) {
+                        break;
+                    }
+                    self.staging.extend_from_slice(bytes);
+                    if self.staging.len() >= MAX_STAGED_BYTES {
+                        break;
+                    }
+                }
+                let staged = &self.staging;
+                self.stream.try_io(Interest::WRITABLE, || {
+                    sys::send_with_fds(self.stream.as_fd(), &[IoSlice::new(staged)], &[])
+                })
             } else {
+                // Large frames go out as they are, gathered without copying.
                 let mut iov = [IoSlice::new(&[]); MAX_IOVECS];
                 let mut count = 0;
                 let mut total = 0;

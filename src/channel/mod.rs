@@ -480,7 +480,7 @@ impl Sender {
         handle: impl IntoWire,
     ) -> Result<Delivery, SendError> {
         let mut wire = handle.into_wire_handle()?;
-        let msg = serde_json::to_vec(message).map_err(SendError::Serialize)?;
+        let msg = frame::encode_json(message).map_err(SendError::Serialize)?;
         if let Some(server) = wire.server.take() {
             // First keyed socket on this channel: the server will ask it for counts.
             server.add_channel(self);
