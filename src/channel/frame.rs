@@ -399,7 +399,7 @@ impl Decoder {
         } else {
             let mut line = std::mem::take(&mut self.partial);
             line.extend_from_slice(tail);
-            parse_frame(&line)
+            parse_owned_frame(line)
         };
         self.emit(item, out);
     }
@@ -409,6 +409,25 @@ fn stray(out: &mut Vec<Decoded>, fds: Vec<OwnedFd>, reason: StrayReason) {
     let count = fds.len();
     drop(fds);
     out.push(Decoded::Error(FrameError::StrayFds { count, reason }));
+}
+
+/// Like [`parse_frame`] for a line assembled in a buffer we own: valid text becomes the frame's
+/// `String` without another copy (large messages span reads, so this is their usual path).
+fn parse_owned_frame(line: Vec<u8>) -> Decoded {
+    match String::from_utf8(line) {
+        Ok(mut text) => {
+            let len = text.trim_end_matches('\r').len();
+            match probe(&text[..len]) {
+                Ok(internal_cmd) => {
+                    text.truncate(len);
+                    Decoded::Frame(Frame { text, internal_cmd, fd: None })
+                }
+                // Repairable (lone surrogates) or malformed: the general path says which.
+                Err(_) => parse_frame(text.as_bytes()),
+            }
+        }
+        Err(invalid) => parse_frame(invalid.as_bytes()),
+    }
 }
 
 /// Parses one complete line into a frame (without a descriptor yet) or an error.
