@@ -399,11 +399,25 @@ impl Driver {
     fn read_ready(&mut self) {
         for _ in 0..READS_PER_WAKE {
             let mut fds = Vec::new();
+            let mut drained_read = None;
             let buf = &mut self.read_buf;
             let stream = &self.stream;
             let result = stream.try_io(Interest::READABLE, || {
-                sys::recv_with_fds(stream.as_fd(), buf, &mut fds)
+                let received = sys::recv_with_fds(stream.as_fd(), buf, &mut fds)?;
+                // A short read that brought no descriptors found the socket's queue empty (the
+                // kernel ends a read early only at a segment that carried descriptors), so say
+                // WouldBlock here: tokio then clears the readiness it saw before this read
+                // (never a newer one), sparing the read that would only return EAGAIN.
+                if received.len > 0 && received.len < buf.len() && fds.is_empty() {
+                    drained_read = Some(received);
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                Ok(received)
             });
+            let (result, drained) = match (result, drained_read) {
+                (_, Some(received)) => (Ok(received), true),
+                (result, None) => (result, false),
+            };
             match result {
                 Ok(received) => {
                     if received.control_truncated {
@@ -420,8 +434,9 @@ impl Driver {
                         self.on_decoded(item);
                     }
                     self.decoded = decoded;
-                    if received.len < self.read_buf.len() {
-                        // Probably drained; let the loop write replies before reading on.
+                    if drained || received.len < self.read_buf.len() {
+                        // Drained (or stopped at descriptors): let the loop write replies
+                        // before reading on.
                         return;
                     }
                 }
