@@ -1,0 +1,159 @@
+//! The seed pipeline: a parent listens on 127.0.0.1:0 and hands every accepted connection to one
+//! child, which writes `Child handled it.` and closes it. The parent prints
+//! `BENCH {"role":"seed-ready","addr":...,"pids":[parent, child]}` once listening.
+
+use std::os::fd::AsFd;
+
+use anyhow::{Context, Result};
+use clap::{Args, ValueEnum};
+use serde_json::json;
+use tokio::io::AsyncWriteExt;
+
+use super::{emit, runtime, Impl};
+use crate::bare;
+use crate::payload::{HANDLE_FRAME, REPLY};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SendMode {
+    /// `send_handle(...).await` per connection: the accept loop waits for each ACK.
+    Await,
+    /// `queue_handle` per connection, a task awaiting the deliveries, as `examples/parent.rs`
+    /// (Node's `child.send` behaviour: the accept loop never waits).
+    Queue,
+}
+
+#[derive(Debug, Args)]
+pub struct ParentArgs {
+    #[arg(long = "impl", value_enum)]
+    imp: Impl,
+    #[arg(long, value_enum, default_value_t = SendMode::Queue)]
+    send: SendMode,
+    #[arg(last = true, required = true)]
+    child: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ChildArgs {
+    #[arg(long = "impl", value_enum)]
+    imp: Impl,
+}
+
+pub fn parent(args: ParentArgs) -> Result<()> {
+    match args.imp {
+        Impl::Handoff => runtime()?.block_on(parent_handoff(args)),
+        Impl::Bare => parent_bare(args),
+    }
+}
+
+pub fn child(args: ChildArgs) -> Result<()> {
+    match args.imp {
+        Impl::Handoff => runtime()?.block_on(child_handoff()),
+        Impl::Bare => child_bare(),
+    }
+}
+
+async fn parent_handoff(args: ParentArgs) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let mut child = super::spawn_handoff_child(&args.child, None)?;
+    let sender = child.sender().clone();
+    let pids = [std::process::id(), child.id().unwrap_or(0)];
+    emit("seed-ready", json!({ "addr": listener.local_addr()?.to_string(), "pids": pids }));
+    // Deliveries resolve in the order the handles were queued: one task awaits them in turn.
+    let (deliveries, mut pending) = tokio::sync::mpsc::unbounded_channel::<handoff::channel::Delivery>();
+    tokio::spawn(async move {
+        while let Some(delivery) = pending.recv().await {
+            if let Err(e) = delivery.await {
+                eprintln!("seed-parent: a connection was not delivered: {e}");
+            }
+        }
+    });
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let socket = match accepted {
+                    Ok((socket, _)) => socket,
+                    Err(e) => {
+                        eprintln!("seed-parent: accept: {e}");
+                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                        continue;
+                    }
+                };
+                match args.send {
+                    SendMode::Await => {
+                        if let Err(e) = sender.send_handle(&"socket", socket).await {
+                            eprintln!("seed-parent: could not hand the connection over: {e}");
+                        }
+                    }
+                    SendMode::Queue => match sender.queue_handle(&"socket", socket).await {
+                        Ok(delivery) => { let _ = deliveries.send(delivery); }
+                        Err(e) => eprintln!("seed-parent: could not hand the connection over: {e}"),
+                    },
+                }
+            }
+            status = child.wait() => {
+                let status = status?;
+                anyhow::bail!("the child exited with {status}");
+            }
+        }
+    }
+}
+
+/// `examples/child.rs`, verbatim in spirit.
+async fn child_handoff() -> Result<()> {
+    let mut parent = super::handoff_parent(None)?;
+    let mut answering = tokio::task::JoinSet::new();
+    while let Some(received) = parent.recv().await {
+        let mut message = match received {
+            Ok(message) => message,
+            Err(e) => {
+                eprintln!("seed-child: {e}");
+                continue;
+            }
+        };
+        let is_socket = message.deserialize::<String>().is_ok_and(|m| m == "socket");
+        if let (true, Some(handle)) = (is_socket, message.take_handle()) {
+            let mut socket: tokio::net::TcpStream = handle.into()?;
+            answering.spawn(async move {
+                let _ = socket.write_all(REPLY.as_bytes()).await;
+                let _ = socket.shutdown().await;
+            });
+        }
+        // Reap finished answers so the set does not grow over a long run.
+        while answering.try_join_next().is_some() {}
+    }
+    while answering.join_next().await.is_some() {}
+    Ok(())
+}
+
+fn parent_bare(args: ParentArgs) -> Result<()> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let (ours, theirs) = bare::socketpair()?;
+    let child = bare::spawn_with_channel(&args.child, theirs)?;
+    emit("seed-ready", json!({ "addr": listener.local_addr()?.to_string(), "pids": [std::process::id(), child.id()] }));
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                bare::send_fd(ours.as_fd(), HANDLE_FRAME, stream.as_fd())
+                    .context("sending to the child")?;
+                drop(stream); // the in-flight message holds its own reference
+            }
+            Err(e) => eprintln!("seed-parent: accept: {e}"),
+        }
+    }
+}
+
+fn child_bare() -> Result<()> {
+    let fd = bare::inherited_channel()?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut fds = Vec::new();
+    loop {
+        let n = bare::recv_fds(fd.as_fd(), &mut buf, &mut fds, false)?;
+        if n == 0 && fds.is_empty() {
+            return Ok(());
+        }
+        for socket in fds.drain(..) {
+            let _ = bare::write_all(socket.as_fd(), REPLY.as_bytes());
+            drop(socket); // the last reference: FIN
+        }
+    }
+}

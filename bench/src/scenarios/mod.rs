@@ -1,0 +1,83 @@
+//! The scenario table. Add a row: a struct implementing [`Scenario`] in its own file, and one
+//! line in [`registry`].
+
+mod handles;
+mod memory;
+mod msg;
+mod rtt;
+mod seed;
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use serde_json::Value;
+
+use crate::harness::{Ctx, Scenario};
+use crate::procs::Proc;
+
+/// Every scenario, in the order they run and print.
+pub fn registry() -> Vec<Box<dyn Scenario>> {
+    vec![
+        Box::new(msg::Messages { size: 64, label: "64B", min_count: 64 }),
+        Box::new(msg::Messages { size: 4096, label: "4KiB", min_count: 64 }),
+        Box::new(msg::Messages { size: 65536, label: "64KiB", min_count: 16 }),
+        Box::new(msg::Messages { size: 1 << 20, label: "1MiB", min_count: 8 }),
+        Box::new(msg::Messages { size: 32 << 20, label: "32MiB", min_count: 2 }),
+        Box::new(rtt::RoundTrip),
+        Box::new(handles::Handles),
+        Box::new(seed::Seed),
+        Box::new(memory::Memory),
+    ]
+}
+
+/// Starts `argv` (a parent role whose child is in the same command line), waits for the result
+/// line of `role` and for the parent to exit successfully.
+pub fn run_pair(
+    name: &str,
+    argv: &[String],
+    env: &[(&str, String)],
+    pin: Option<usize>,
+    role: &str,
+    timeout: Duration,
+) -> Result<Value> {
+    let deadline = Instant::now() + timeout;
+    let mut proc = Proc::spawn(name, argv, env, pin)?;
+    let value = proc.wait_result(role, deadline)?;
+    let status = proc.wait_exit(deadline)?;
+    if !status.success() {
+        bail!("{name}: exited with {status}{}", proc.stderr_tail());
+    }
+    Ok(value)
+}
+
+/// How long the load generator runs.
+pub enum Load {
+    Secs(f64),
+    Connections(u64),
+}
+
+/// Runs the load generator against `addr` and returns its result line.
+pub fn loadgen(ctx: &Ctx, addr: &str, load: Load, timeout: Duration) -> Result<Value> {
+    let concurrency = ctx.concurrency.to_string();
+    let mut args = vec!["loadgen", "--addr", addr, "--concurrency", &concurrency];
+    let amount;
+    match load {
+        Load::Secs(s) => {
+            amount = s.to_string();
+            args.extend(["--secs", &amount]);
+        }
+        Load::Connections(n) => {
+            amount = n.to_string();
+            args.extend(["--connections", &amount]);
+        }
+    }
+    run_pair("loadgen", &ctx.role(&args), &[], None, "loadgen", timeout)
+}
+
+/// A number from a role's result.
+pub fn num(value: &Value, key: &str) -> Result<f64> {
+    match value.get(key).and_then(Value::as_f64) {
+        Some(x) => Ok(x),
+        None => bail!("result has no number {key:?}: {value}"),
+    }
+}
