@@ -67,10 +67,22 @@ impl Ctx {
 /// multi-thread runtime (`#[tokio::main]`'s default; `HANDOFF_BENCH_RT=multi`). Returns the base
 /// id and the environment to add.
 pub fn split_runtime(variant: &str) -> (&str, Vec<(&'static str, String)>) {
-    match variant.strip_suffix("-mt") {
-        Some(base) => (base, vec![("HANDOFF_BENCH_RT", "multi".to_owned())]),
-        None => (variant, Vec::new()),
+    if let Some(base) = variant.strip_suffix("-mt") {
+        return (base, vec![("HANDOFF_BENCH_RT", "multi".to_owned())]);
     }
+    // glibc hands every allocation of 32 MiB or more back to the OS on free (its dynamic mmap
+    // threshold stops at 32 MiB), so each such message is faulted in page by page again. This
+    // variant raises the threshold, to show that cost is the allocator's, not the protocol's.
+    if let Some(base) = variant.strip_suffix("-bigheap") {
+        return (
+            base,
+            vec![
+                ("MALLOC_MMAP_THRESHOLD_", (256usize << 20).to_string()),
+                ("MALLOC_TRIM_THRESHOLD_", (512usize << 20).to_string()),
+            ],
+        );
+    }
+    (variant, Vec::new())
 }
 
 /// `parent ... -- child ...`

@@ -25,6 +25,7 @@ impl Scenario for Handles {
             rust("handoff-w64"),
             rust("handoff-w64-mt"),
             node("rust→node"),
+            node("rust→node-w64"),
             node("node→rust"),
             node("node-socket"),
             node("node-native"),
@@ -37,6 +38,7 @@ impl Scenario for Handles {
             .ratio("w1/node-socket", "handoff-w1", "node-socket")
             .ratio("w1/node-native", "handoff-w1", "node-native")
             .ratio("w1/bare-ack", "handoff-w1", "bare-ack")
+            .ratio("rust→node-w64/node-socket", "rust→node-w64", "node-socket")
             .ratio("w64/bare-pipelined", "handoff-w64", "bare-pipelined")
             .ratio("w64-mt/bare-pipelined", "handoff-w64-mt", "bare-pipelined")]
     }
@@ -59,6 +61,9 @@ impl Scenario for Handles {
             "handoff-w1" => with_child(send("handoff", &["--window", "1"]), rust_recv("1")),
             "handoff-w64" => with_child(send("handoff", &["--window", "64"]), rust_recv("64")),
             "rust→node" => with_child(send("handoff", &["--window", "1"]), node_recv()),
+            // Node acknowledges pipelined handles one by one (protocol doc §4.2): the same ACK
+            // protocol, without waiting for each ACK before the next write.
+            "rust→node-w64" => with_child(send("handoff", &["--window", "64"]), node_recv()),
             "node→rust" => with_child(node_send("socket"), rust_recv("1")),
             "node-socket" => with_child(node_send("socket"), node_recv()),
             "node-native" => with_child(node_send("native"), node_recv()),

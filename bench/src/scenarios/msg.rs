@@ -31,6 +31,9 @@ impl Scenario for Messages {
         if self.size == 64 {
             variants.push(rust("handoff-rr-mt"));
         }
+        if self.size >= 1024 * 1024 {
+            variants.push(rust("handoff-rr-bigheap"));
+        }
         variants.extend([
             node("rust→node"),
             node("node→rust"),
