@@ -36,6 +36,10 @@ pub struct ParentArgs {
 pub struct ChildArgs {
     #[arg(long = "impl", value_enum)]
     imp: Impl,
+    /// Answer through a std socket with one non-blocking write (the reply is tiny), instead of a
+    /// tokio socket and a task per connection: no registration, no `FIONBIO`, no task.
+    #[arg(long)]
+    lean: bool,
 }
 
 pub fn parent(args: ParentArgs) -> Result<()> {
@@ -47,6 +51,7 @@ pub fn parent(args: ParentArgs) -> Result<()> {
 
 pub fn child(args: ChildArgs) -> Result<()> {
     match args.imp {
+        Impl::Handoff if args.lean => runtime()?.block_on(child_handoff_lean()),
         Impl::Handoff => runtime()?.block_on(child_handoff()),
         Impl::Bare => child_bare(),
     }
@@ -119,6 +124,44 @@ async fn child_handoff() -> Result<()> {
             });
         }
         // Reap finished answers so the set does not grow over a long run.
+        while answering.try_join_next().is_some() {}
+    }
+    while answering.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// The child with the reply written through a std socket: one non-blocking `write` of 17 bytes
+/// into a fresh connection's empty send buffer, then `shutdown` and `close` — what the bare child
+/// does. A write that would block (never seen) falls back to a tokio socket and a task.
+async fn child_handoff_lean() -> Result<()> {
+    use std::io::Write;
+    let mut parent = super::handoff_parent(None)?;
+    let mut answering = tokio::task::JoinSet::new();
+    while let Some(received) = parent.recv().await {
+        let mut message = match received {
+            Ok(message) => message,
+            Err(e) => {
+                eprintln!("seed-child: {e}");
+                continue;
+            }
+        };
+        let is_socket = message.deserialize::<String>().is_ok_and(|m| m == "socket");
+        if let (true, Some(handle)) = (is_socket, message.take_handle()) {
+            let mut socket: std::net::TcpStream = handle.into()?;
+            match socket.write(REPLY.as_bytes()) {
+                Ok(n) if n == REPLY.len() => {
+                    let _ = socket.shutdown(std::net::Shutdown::Write);
+                }
+                _ => {
+                    socket.set_nonblocking(true)?;
+                    let mut socket = tokio::net::TcpStream::from_std(socket)?;
+                    answering.spawn(async move {
+                        let _ = socket.write_all(REPLY.as_bytes()).await;
+                        let _ = socket.shutdown().await;
+                    });
+                }
+            }
+        }
         while answering.try_join_next().is_some() {}
     }
     while answering.join_next().await.is_some() {}

@@ -20,6 +20,10 @@ impl Seed {
         let node_child = || ctx.node_script("seed.js", &["child"]);
         Ok(match variant {
             "handoff" => with_child(rust_parent(), rust_child()),
+            "handoff-direct" => with_child(
+                ctx.role(&["seed-parent", "--impl", "handoff"]),
+                ctx.role(&["seed-child", "--impl", "handoff", "--lean"]),
+            ),
             "handoff-await" => {
                 with_child(ctx.role(&["seed-parent", "--impl", "handoff", "--send", "await"]), rust_child())
             }
@@ -72,6 +76,7 @@ impl Scenario for Seed {
     fn variants(&self) -> Vec<VariantSpec> {
         vec![
             rust("handoff"),
+            rust("handoff-direct"),
             rust("handoff-await"),
             rust("handoff-mt"),
             node("rust→node"),
@@ -85,6 +90,7 @@ impl Scenario for Seed {
         vec![
             MetricSpec::new("conn_per_s", "seed (conn/s)")
                 .ratio("handoff/node", "handoff", "node")
+                .ratio("handoff-direct/node", "handoff-direct", "node")
                 .ratio("handoff/node-single", "handoff", "node-single")
                 .ratio("handoff/bare", "handoff", "bare")
                 .ratio("handoff-mt/node", "handoff-mt", "node"),
@@ -92,6 +98,7 @@ impl Scenario for Seed {
                 .lower_is_better()
                 .ratio("handoff/node", "handoff", "node")
                 .ratio("handoff/bare", "handoff", "bare")
+                .ratio("handoff-direct/bare", "handoff-direct", "bare")
                 .ratio("handoff-mt/bare", "handoff-mt", "bare"),
             MetricSpec::new("p50_us", "seed latency p50 (µs)").lower_is_better(),
             MetricSpec::new("p99_us", "seed latency p99 (µs)").lower_is_better(),
