@@ -25,7 +25,10 @@
 //!   a `get_connections()` request is in flight gives [`ServerError::ChildClosedBeforeReply`]
 //!   naming it; asked again, the count no longer includes it.
 //! - A handoff receiver answers requests for a key it never received (0 / all closed); Node does
-//!   not answer them at all.
+//!   not answer them at all. A channel joins the list when a connection is queued on it, so a
+//!   Node child that never received any of them (every attempt refused with a NACK, which a
+//!   handoff sender never causes: it always attaches the descriptor) would leave `close()`
+//!   waiting until that child exits.
 //! - [`Server::bind`] keys a server by the port it got, not the one asked for, so servers bound
 //!   to port 0 do not share a key (in Node they do, and count each other's connections).
 //! - Sent with [`KeepOpen`](crate::handle::KeepOpen), a connection is counted by both processes
