@@ -172,3 +172,68 @@ fn flush_waits_for_the_bytes_to_be_written() {
         assert_eq!(reader.await.unwrap(), 100_002);
     })
 }
+
+#[test]
+fn a_handle_message_with_a_reserved_cmd_is_refused_before_the_wire() {
+    util::serial_test(async {
+        let baseline = util::open_fds();
+        let (a, mut b) = Channel::pair().unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        // A Node receiver would treat this `msg` as an unsolicited ACK and die.
+        match a.send_handle(&json!({"cmd": "NODE_HANDLE_ACK"}), listener).await {
+            Err(SendError::Reserved { cmd }) => assert_eq!(cmd, "NODE_HANDLE_ACK"),
+            other => panic!("expected Reserved, got {other:?}"),
+        }
+        a.send(&"after").await.unwrap();
+        let next = util::within("message", b.recv()).await.unwrap().unwrap();
+        assert_eq!(next.value().unwrap(), "after", "nothing else reached the wire");
+        drop((a, b));
+        util::assert_fds_settle_to(&baseline).await;
+    })
+}
+
+#[test]
+fn raw_json_values_are_sent_as_one_canonical_line() {
+    util::serial_test(async {
+        use serde_json::value::RawValue;
+        let (a, mut b) = Channel::pair().unwrap();
+        // Pretty-printed raw JSON: its newlines must not end the line early.
+        let pretty = RawValue::from_string("{\n  \"a\": [1,\n 2]\n}".to_owned()).unwrap();
+        a.send(&pretty).await.unwrap();
+        a.send(&json!({"wrapped": pretty})).await.unwrap();
+        for expected in [json!({"a": [1, 2]}), json!({"wrapped": {"a": [1, 2]}})] {
+            let got = util::within("message", b.recv()).await.unwrap().unwrap();
+            assert_eq!(got.value().unwrap(), expected);
+            assert!(!got.json().contains('\n'));
+        }
+        // A reserved command hidden by spacing or escapes in raw text is still seen.
+        for disguised in [r#"{"cmd" : "NODE_HANDLE_ACK"}"#, r#"{"cmd":"NODE\u005fHANDLE_ACK"}"#] {
+            let raw = RawValue::from_string(disguised.to_owned()).unwrap();
+            assert!(matches!(a.send(&raw).await, Err(SendError::Reserved { .. })), "{disguised}");
+        }
+    })
+}
+
+#[test]
+fn dropping_a_full_receiver_does_not_stop_acknowledgements() {
+    util::serial_test(async {
+        let baseline = util::open_fds();
+        let config = ChannelConfig::default().recv_buffer(1024);
+        let (a, b) = Channel::pair_with_config(config).unwrap();
+        let (b_sender, b_receiver) = b.split();
+        // Fill b's receive queue past its limit, then drop the receiver unread.
+        for i in 0..100 {
+            a.send(&json!({"i": i, "pad": "x".repeat(100)})).await.unwrap();
+        }
+        a.sender().flush().await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        drop(b_receiver);
+        // b must still read, acknowledge handles, and see the end of the channel.
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        util::within("the ACK", a.send_handle(&"udp", socket)).await.unwrap();
+        a.disconnect();
+        util::within("b closed", b_sender.closed()).await;
+        drop((a, b_sender));
+        util::assert_fds_settle_to(&baseline).await;
+    })
+}

@@ -324,3 +324,21 @@ fn get_connections_example_with_node_child() {
         get_connections_example(&["node", script.to_str().unwrap()]).await
     })
 }
+
+#[test]
+fn a_server_does_not_keep_a_dropped_channel_open() {
+    util::serial_test(async {
+        let server = local_server().await;
+        let child = echo_child().spawn().unwrap();
+        let mut clients = hand_out(&server, &[&child], 1).await;
+        expect_count(&server, 1).await;
+        // The user lets go of the channel; the server's list must not keep it open.
+        let (mut process, channel) = child.into_parts();
+        drop(channel);
+        drop(clients.pop()); // the echo session ends, so the child can finish
+        let status = util::within("the child exiting", process.wait()).await.unwrap();
+        assert!(status.success(), "{status}");
+        assert_eq!(server.get_connections().await.unwrap(), 0);
+        util::within("close()", server.close()).await.unwrap();
+    })
+}

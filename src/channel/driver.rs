@@ -120,6 +120,8 @@ pub(crate) struct Driver {
     peer_gone: bool,
     /// Reused buffer into which small frames are copied for one write.
     staging: Vec<u8>,
+    /// The user dropped every `Sender` (handoff's own uncounted ones may remain).
+    senders_gone: bool,
 }
 
 impl Driver {
@@ -151,6 +153,7 @@ impl Driver {
             next_close_check: Instant::now(),
             peer_gone: false,
             staging: Vec::new(),
+            senders_gone: false,
         }
     }
 
@@ -175,7 +178,10 @@ impl Driver {
                 break;
             }
             let want_write = !self.write_queue.is_empty() && !self.peer_gone;
-            let recv_full = self.shared.recv_queued.load(Ordering::SeqCst) >= self.config.recv_buffer;
+            // With the receiver gone nothing will ever drain its queue: stop counting it, or the
+            // channel would never read (and ACK, and see end-of-file) again.
+            let recv_full = !self.messages.is_closed()
+                && self.shared.recv_queued.load(Ordering::SeqCst) >= self.config.recv_buffer;
             tokio::select! {
                 biased;
                 command = self.commands.recv(), if self.commands_open => match command {
@@ -205,7 +211,7 @@ impl Driver {
 
     /// All senders and the receiver are gone and nothing is left to do: close like a disconnect.
     fn abandoned(&self) -> bool {
-        !self.commands_open
+        (!self.commands_open || self.senders_gone)
             && self.messages.is_closed()
             && self.write_queue.is_empty()
             && self.held.is_empty()
@@ -233,6 +239,7 @@ impl Driver {
         match command {
             Command::Write(outgoing) => self.enqueue(outgoing),
             Command::Disconnect => self.disconnecting = true,
+            Command::SendersGone => self.senders_gone = true,
         }
     }
 

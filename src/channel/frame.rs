@@ -666,14 +666,19 @@ pub fn encode<T: serde::Serialize + ?Sized>(message: &T) -> Result<Vec<u8>, serd
 /// output always means what `serde_json` would write for the same value (`tests/frame.rs` checks
 /// this on arbitrary values).
 pub fn encode_json<T: serde::Serialize + ?Sized>(message: &T) -> Result<Vec<u8>, serde_json::Error> {
+    static RAW_VALUE: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"$serde_json::private::RawValue"));
     if let Ok(buf) = sonic_rs::to_vec(message) {
-        static RAW_VALUE: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
-            std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"$serde_json::private::RawValue"));
-        if RAW_VALUE.find(&buf).is_none() {
+        // A raw value (sonic-rs's own) is written verbatim and may hold a newline, which would
+        // end the line early and kill a Node peer; JSON strings never hold a raw one.
+        if RAW_VALUE.find(&buf).is_none() && memchr::memchr(b'\n', &buf).is_none() {
             return Ok(buf);
         }
     }
-    serde_json::to_vec(message)
+    // Raw values (serde_json's `RawValue`, sonic-rs's lazy values) are written as their text
+    // is, whitespace, escapes and all: go through a `Value` so the line is canonical compact
+    // JSON — one line, and a `cmd` the reserved-command check can see.
+    serde_json::to_vec(&serde_json::to_value(message)?)
 }
 
 #[cfg(test)]

@@ -69,7 +69,8 @@ impl ChannelConfig {
     /// Bytes of queued, unwritten messages after which `send` waits (default 4 MiB): the
     /// back-pressure a slow peer exerts.
     pub fn send_buffer(mut self, bytes: usize) -> Self {
-        self.send_buffer = bytes.max(1);
+        // Kept within what one frame's permit count (u32) can express.
+        self.send_buffer = bytes.clamp(1, 1 << 30);
         self
     }
     /// Bytes of received messages not yet taken by the [`Receiver`] after which the channel stops
@@ -263,6 +264,8 @@ struct Shared {
     internal: broadcast::Sender<InternalMessage>,
     /// Socket-list requests awaiting the peer's reply.
     replies: crate::server::socket_list::Replies,
+    /// `Sender`s held by the user (see `Sender::counted`).
+    user_senders: AtomicUsize,
     /// Who is at the other end, for error messages ("child process 1234").
     peer: std::sync::OnceLock<String>,
 }
@@ -281,13 +284,35 @@ struct Outgoing {
 enum Command {
     Write(Outgoing),
     Disconnect,
+    /// The last user-held `Sender` is gone (handoff's own references do not count).
+    SendersGone,
 }
 
 /// The sending half of a channel. Clone it freely; all clones feed the same ordered queue.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Sender {
     commands: mpsc::UnboundedSender<Command>,
     shared: Arc<Shared>,
+    /// Whether this handle counts as the user's: a channel whose user senders and receiver are
+    /// all dropped closes, even if handoff itself (a `Server`'s list) still refers to it.
+    counted: bool,
+}
+
+impl Clone for Sender {
+    fn clone(&self) -> Sender {
+        if self.counted {
+            self.shared.user_senders.fetch_add(1, Ordering::SeqCst);
+        }
+        Sender { commands: self.commands.clone(), shared: self.shared.clone(), counted: self.counted }
+    }
+}
+
+impl Drop for Sender {
+    fn drop(&mut self) {
+        if self.counted && self.shared.user_senders.fetch_sub(1, Ordering::SeqCst) == 1 {
+            let _ = self.commands.send(Command::SendersGone);
+        }
+    }
 }
 
 /// The receiving half of a channel.
@@ -348,6 +373,7 @@ impl Channel {
             recv_space: Notify::new(),
             internal: broadcast::channel(256).0,
             replies: Default::default(),
+            user_senders: AtomicUsize::new(1),
             peer: std::sync::OnceLock::new(),
         });
         let (commands, command_rx) = mpsc::unbounded_channel();
@@ -355,7 +381,7 @@ impl Channel {
         let driver = driver::Driver::new(stream, config, shared.clone(), command_rx, message_tx);
         runtime.spawn(driver.run());
         Ok(Channel {
-            sender: Sender { commands, shared: shared.clone() },
+            sender: Sender { commands, shared: shared.clone(), counted: true },
             receiver: Receiver { messages, shared },
         })
     }
@@ -479,8 +505,13 @@ impl Sender {
         message: &T,
         handle: impl IntoWire,
     ) -> Result<Delivery, SendError> {
-        let mut wire = handle.into_wire_handle()?;
         let msg = frame::encode_json(message).map_err(SendError::Serialize)?;
+        // A Node receiver hands `msg` on as an internal message if its `cmd` is one: refuse it
+        // here as `send` does (an unsolicited ACK inside `msg` kills the peer).
+        if let Some(cmd) = envelope::reserved_cmd(&msg) {
+            return Err(SendError::Reserved { cmd });
+        }
+        let mut wire = handle.into_wire_handle()?;
         if let Some(server) = wire.server.take() {
             // First keyed socket on this channel: the server will ask it for counts.
             server.add_channel(self);
@@ -541,6 +572,11 @@ impl Sender {
         let _ = self.shared.peer.set(peer);
     }
 
+    /// A handle for handoff's own bookkeeping that does not keep the channel open.
+    pub(crate) fn uncounted(&self) -> Sender {
+        Sender { commands: self.commands.clone(), shared: self.shared.clone(), counted: false }
+    }
+
     /// Whether `other` feeds the same channel.
     pub(crate) fn same_channel(&self, other: &Sender) -> bool {
         Arc::ptr_eq(&self.shared, &other.shared)
@@ -595,7 +631,7 @@ impl Sender {
         let outgoing = Outgoing { bytes, handle, permits, written };
         self.commands.send(Command::Write(outgoing)).map_err(|e| match e.0 {
             Command::Write(o) => o.handle.map_or(SendError::Closed, |h| h.closed_unwritten()),
-            Command::Disconnect => SendError::Closed,
+            Command::Disconnect | Command::SendersGone => SendError::Closed,
         })
     }
 }

@@ -253,9 +253,23 @@ pub fn parent_channel_with_config(config: ChannelConfig) -> io::Result<Option<Ch
     let Some(fd_text) = std::env::var_os(CHANNEL_FD_ENV) else {
         return Ok(None);
     };
+    // Checked before anything is taken: without a runtime the channel could not be driven, and
+    // adopting the descriptor first would lose it for good.
+    if tokio::runtime::Handle::try_current().is_err() {
+        return Err(io::Error::other("parent_channel must be called inside a tokio runtime"));
+    }
     let mode = std::env::var_os(SERIALIZATION_ENV);
     sys::remove_env(CHANNEL_FD_ENV);
     sys::remove_env(SERIALIZATION_ENV);
+    let fd: RawFd = fd_text.to_str().and_then(|t| t.trim().parse().ok()).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{CHANNEL_FD_ENV}={fd_text:?} is not a file descriptor number"),
+        )
+    })?;
+    // Adopted (close-on-exec from here on) even if it is then refused, so that it is closed
+    // rather than leaked into this process's own children.
+    let owned = sys::adopt_inherited_fd(fd)?;
     match mode.as_deref().map(|m| m.to_string_lossy()) {
         None => {}
         Some(m) if m == "json" => {}
@@ -266,13 +280,6 @@ pub fn parent_channel_with_config(config: ChannelConfig) -> io::Result<Option<Ch
             ))
         }
     }
-    let fd: RawFd = fd_text.to_str().and_then(|t| t.trim().parse().ok()).ok_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("{CHANNEL_FD_ENV}={fd_text:?} is not a file descriptor number"),
-        )
-    })?;
-    let owned = sys::adopt_inherited_fd(fd)?;
     let channel = Channel::with_config(owned, config)?;
     channel.sender().set_peer(format!("parent process {}", std::os::unix::process::parent_id()));
     Ok(Some(channel))

@@ -114,7 +114,8 @@ impl ServerState {
         let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
         channels.retain(|c| !c.is_closed());
         if !channels.iter().any(|c| c.same_channel(sender)) {
-            channels.push(sender.clone());
+            // Not counted as the user's: the list must not keep a dropped channel open.
+            channels.push(sender.uncounted());
         }
     }
 
