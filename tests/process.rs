@@ -178,3 +178,20 @@ fn node_child_on_fd_4() {
     assert!(status.success(), "{status}");
     })
 }
+
+#[test]
+fn channel_on_stdin_leaves_standard_input_valid() {
+    util::serial_test(async {
+        // Node accepts 'ipc' at stdio index 0; the child keeps a duplicate as its channel and
+        // puts /dev/null back at 0, so its stdin stays a valid descriptor.
+        let mut child = probe().channel_fd(0).spawn().unwrap();
+        child.send(&json!({"report": true})).await.unwrap();
+        let report = next_value(&mut child).await;
+        let sockets = report["channel_fds"].as_array().unwrap();
+        assert!(!sockets.iter().any(|s| s[0] == 0), "fd 0 is no longer the socket: {sockets:?}");
+        assert!(sockets.iter().any(|s| s[0].as_i64().unwrap() > 2 && s[1] == true), "{sockets:?}");
+        child.disconnect();
+        let status = util::within("child exit", child.wait()).await.unwrap();
+        assert!(status.success(), "{status}");
+    })
+}

@@ -303,7 +303,9 @@ static ADOPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::n
 /// Takes ownership of descriptor `raw`, which a parent left open for us as the IPC channel.
 ///
 /// Checks that `raw` is an open `AF_UNIX` stream socket, then makes it close-on-exec and
-/// non-blocking, as a Node child does. Succeeds at most once per process.
+/// non-blocking, as a Node child does. A channel at a standard I/O number (0–2) is taken as a
+/// duplicate above them, with `/dev/null` put back in its place. Succeeds at most once per
+/// process.
 pub(crate) fn adopt_inherited_fd(raw: RawFd) -> io::Result<OwnedFd> {
     if raw < 0 {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "negative file descriptor"));
@@ -331,9 +333,28 @@ pub(crate) fn adopt_inherited_fd(raw: RawFd) -> io::Result<OwnedFd> {
             "the inherited IPC channel was already taken by this process",
         ));
     }
-    // SAFETY: `raw` is open (checked above) and is the descriptor the parent set aside for the
-    // IPC channel (`NODE_CHANNEL_FD`); nothing else in the process owns it by that convention, and
-    // the ADOPTED flag makes sure we create at most one owner.
+    if raw <= 2 {
+        // Node lets a parent put the channel at a stdio index. Standard I/O belongs to std, so
+        // take a close-on-exec duplicate above it and put /dev/null back at the stdio number:
+        // the channel then closes when we drop it, and stdin/stdout/stderr stay valid.
+        let channel = rustix::io::fcntl_dupfd_cloexec(borrowed, 3)?;
+        let null = rustix::fs::open(
+            "/dev/null",
+            rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )?;
+        match raw {
+            0 => rustix::stdio::dup2_stdin(&null)?,
+            1 => rustix::stdio::dup2_stdout(&null)?,
+            _ => rustix::stdio::dup2_stderr(&null)?,
+        }
+        set_nonblocking(channel.as_fd(), true)?;
+        return Ok(channel);
+    }
+    // SAFETY: `raw` is open (checked above), above the standard I/O numbers, and is the
+    // descriptor the parent set aside for the IPC channel (`NODE_CHANNEL_FD`); nothing else in the
+    // process owns it by that convention, and the ADOPTED flag makes sure we create at most one
+    // owner.
     let owned = unsafe { OwnedFd::from_raw_fd(raw) };
     set_cloexec(owned.as_fd())?;
     set_nonblocking(owned.as_fd(), true)?;
