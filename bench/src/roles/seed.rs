@@ -51,8 +51,7 @@ pub fn parent(args: ParentArgs) -> Result<()> {
 
 pub fn child(args: ChildArgs) -> Result<()> {
     match args.imp {
-        Impl::Handoff if args.lean => runtime()?.block_on(child_handoff_lean()),
-        Impl::Handoff => runtime()?.block_on(child_handoff()),
+        Impl::Handoff => runtime()?.block_on(child_handoff(args.lean)),
         Impl::Bare => child_bare(),
     }
 }
@@ -103,37 +102,11 @@ async fn parent_handoff(args: ParentArgs) -> Result<()> {
     }
 }
 
-/// `examples/child.rs`, verbatim in spirit.
-async fn child_handoff() -> Result<()> {
-    let mut parent = super::handoff_parent(None)?;
-    let mut answering = tokio::task::JoinSet::new();
-    while let Some(received) = parent.recv().await {
-        let mut message = match received {
-            Ok(message) => message,
-            Err(e) => {
-                eprintln!("seed-child: {e}");
-                continue;
-            }
-        };
-        let is_socket = message.deserialize::<String>().is_ok_and(|m| m == "socket");
-        if let (true, Some(handle)) = (is_socket, message.take_handle()) {
-            let mut socket: tokio::net::TcpStream = handle.into()?;
-            answering.spawn(async move {
-                let _ = socket.write_all(REPLY.as_bytes()).await;
-                let _ = socket.shutdown().await;
-            });
-        }
-        // Reap finished answers so the set does not grow over a long run.
-        while answering.try_join_next().is_some() {}
-    }
-    while answering.join_next().await.is_some() {}
-    Ok(())
-}
-
-/// The child with the reply written through a std socket: one non-blocking `write` of 17 bytes
-/// into a fresh connection's empty send buffer, then `shutdown` and `close` — what the bare child
-/// does. A write that would block (never seen) falls back to a tokio socket and a task.
-async fn child_handoff_lean() -> Result<()> {
+/// `examples/child.rs`, verbatim in spirit. With `lean`, the reply goes through a std socket: one
+/// non-blocking `write` of 17 bytes into a fresh connection's empty send buffer, then `shutdown`
+/// and `close`, as the bare child does (no tokio registration, no `FIONBIO`, no task); whatever
+/// that write could not take (never seen) is finished by a tokio socket and a task.
+async fn child_handoff(lean: bool) -> Result<()> {
     use std::io::Write;
     let mut parent = super::handoff_parent(None)?;
     let mut answering = tokio::task::JoinSet::new();
@@ -146,22 +119,20 @@ async fn child_handoff_lean() -> Result<()> {
             }
         };
         let is_socket = message.deserialize::<String>().is_ok_and(|m| m == "socket");
-        if let (true, Some(handle)) = (is_socket, message.take_handle()) {
-            let mut socket: std::net::TcpStream = handle.into()?;
-            match socket.write(REPLY.as_bytes()) {
-                Ok(n) if n == REPLY.len() => {
-                    let _ = socket.shutdown(std::net::Shutdown::Write);
-                }
-                _ => {
-                    socket.set_nonblocking(true)?;
-                    let mut socket = tokio::net::TcpStream::from_std(socket)?;
-                    answering.spawn(async move {
-                        let _ = socket.write_all(REPLY.as_bytes()).await;
-                        let _ = socket.shutdown().await;
-                    });
-                }
-            }
+        let Some(handle) = message.take_handle().filter(|_| is_socket) else { continue };
+        let mut socket: std::net::TcpStream = handle.into()?;
+        let written = if lean { socket.write(REPLY.as_bytes()).unwrap_or(0) } else { 0 };
+        if written == REPLY.len() {
+            let _ = socket.shutdown(std::net::Shutdown::Write);
+        } else {
+            socket.set_nonblocking(true)?;
+            let mut socket = tokio::net::TcpStream::from_std(socket)?;
+            answering.spawn(async move {
+                let _ = socket.write_all(&REPLY.as_bytes()[written..]).await;
+                let _ = socket.shutdown().await;
+            });
         }
+        // Reap finished answers so the set does not grow over a long run.
         while answering.try_join_next().is_some() {}
     }
     while answering.join_next().await.is_some() {}
