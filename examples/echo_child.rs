@@ -13,6 +13,8 @@ async fn main() -> anyhow::Result<()> {
     };
     let mut sessions = tokio::task::JoinSet::new();
     while let Some(received) = parent.recv().await {
+        // Finished sessions are reaped as we go, so the set holds only those in progress.
+        while sessions.try_join_next().is_some() {}
         let handle = match received {
             Ok(mut message) => message.take_handle(),
             Err(e) => {
@@ -22,10 +24,12 @@ async fn main() -> anyhow::Result<()> {
         };
         let Some(handle) = handle else { continue };
         match handle.kind() {
-            handoff::handle::FdKind::UnixStream => {
-                let socket: tokio::net::UnixStream = handle.into()?;
-                sessions.spawn(echo(socket));
-            }
+            handoff::handle::FdKind::UnixStream => match handle.into::<tokio::net::UnixStream>() {
+                Ok(socket) => {
+                    sessions.spawn(echo(socket));
+                }
+                Err(e) => eprintln!("echo_child: {e}"),
+            },
             _ => match handle.into::<tokio::net::TcpStream>() {
                 Ok(socket) => {
                     sessions.spawn(echo(socket));

@@ -56,7 +56,7 @@ async fn main() -> anyhow::Result<()> {
         // The driver publishes an internal message before it delivers the next user message, so
         // everything seen so far is already in the broadcast buffer.
         while let Ok(seen) = internal.try_recv() {
-            internal_log.push(seen.value);
+            internal_log.push(seen.value()?);
         }
         let mut message = match item {
             Ok(message) => message,
@@ -192,19 +192,11 @@ fn take(handle: ReceivedHandle) -> anyhow::Result<Option<JoinHandle<()>>> {
         }
         FdKind::TcpListener => {
             let listener: tokio::net::TcpListener = handle.into()?;
-            Some(tokio::spawn(async move {
-                while let Ok((socket, _)) = listener.accept().await {
-                    tokio::spawn(answer_accepted(socket));
-                }
-            }))
+            Some(tokio::spawn(serve_listener(Listener::Tcp(listener))))
         }
         FdKind::UnixListener => {
             let listener: tokio::net::UnixListener = handle.into()?;
-            Some(tokio::spawn(async move {
-                while let Ok((socket, _)) = listener.accept().await {
-                    tokio::spawn(answer_accepted(socket));
-                }
-            }))
+            Some(tokio::spawn(serve_listener(Listener::Unix(listener))))
         }
         FdKind::Udp4 | FdKind::Udp6 => {
             let socket: tokio::net::UdpSocket = handle.into()?;
@@ -240,6 +232,31 @@ async fn stream_client<S: AsyncRead + AsyncWrite + Unpin>(stream: S) -> String {
     let _ = stream.get_mut().write_all(b"ping\n").await;
     let _ = stream.read_to_string(&mut text).await;
     text
+}
+
+enum Listener {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener),
+}
+
+/// Accepts until the listener fails for good (waiting out descriptor exhaustion), answering each
+/// connection.
+async fn serve_listener(listener: Listener) {
+    let mut retry = handoff::server::AcceptRetry::new();
+    loop {
+        let accepted = match &listener {
+            Listener::Tcp(l) => l.accept().await.map(|(s, _)| tokio::spawn(answer_accepted(s))),
+            Listener::Unix(l) => l.accept().await.map(|(s, _)| tokio::spawn(answer_accepted(s))),
+        };
+        match accepted {
+            Ok(_) => retry.accepted(),
+            Err(error) => {
+                if retry.wait(error).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
 }
 
 async fn answer_accepted<S: AsyncWrite + Unpin>(mut socket: S) {

@@ -6,13 +6,20 @@
 //! The default port is 1337 (0 picks a free one); the default child is the `child` example next
 //! to this binary. Any command works, e.g. `-- node child.js`. Prints `listening on ADDR` once
 //! ready, then `curl 127.0.0.1:P` prints `Child handled it.`. Exits when the child exits.
+//!
+//! As the seed does (`server.on('connection')`), connections come from a
+//! [`Server`](handoff::server::Server), so each envelope carries the server's key and the child's
+//! `getConnections()` counts them. While the process is out of descriptors, accepting waits and
+//! connections queue in the backlog; while the child is slow to acknowledge, at most
+//! `send_handles` connections wait in the channel and the rest in the backlog.
 
 use std::ffi::OsString;
+use std::net::SocketAddr;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let (port, child_command) = parse_args(std::env::args_os().skip(1))?;
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+    let server = handoff::server::Server::bind(SocketAddr::from(([127, 0, 0, 1], port))).await?;
     let mut command = match child_command.split_first() {
         Some((program, args)) => {
             let mut command = handoff::Command::new(program);
@@ -22,21 +29,26 @@ async fn main() -> anyhow::Result<()> {
         None => handoff::Command::new(std::env::current_exe()?.with_file_name("child")),
     };
     let mut child = command.kill_on_drop(true).spawn()?;
-    println!("listening on {}", listener.local_addr()?);
+    println!("listening on {}", server.local_addr().expect("a TCP server"));
     let sender = child.sender().clone();
     loop {
         tokio::select! {
-            accepted = listener.accept() => {
-                let (socket, _) = accepted?;
+            accepted = server.accept() => {
+                let connection = accepted?;
                 // child.send('socket', socket): the connection is moved to the child and our
                 // copy closed once the child acknowledges it. Accepting goes on meanwhile; the
                 // channel keeps the handles in order behind each acknowledgement.
-                let delivery = sender.queue_handle(&"socket", socket).await?;
-                tokio::spawn(async move {
-                    if let Err(e) = delivery.await {
-                        eprintln!("parent: could not hand the connection over: {e}");
+                match sender.queue_handle(&"socket", connection).await {
+                    Ok(delivery) => {
+                        tokio::spawn(async move {
+                            if let Err(e) = delivery.await {
+                                eprintln!("parent: could not hand the connection over: {e}");
+                            }
+                        });
                     }
-                });
+                    // The child is gone; its exit is reported below.
+                    Err(e) => eprintln!("parent: could not hand the connection over: {e}"),
+                }
             }
             status = child.wait() => {
                 let status = status?;

@@ -33,7 +33,21 @@ async fn main() -> anyhow::Result<()> {
         };
         let reply = reply.clone();
         servers.spawn(async move {
-            while let Ok((mut socket, _)) = listener.accept().await {
+            let mut retry = handoff::server::AcceptRetry::new();
+            loop {
+                let mut socket = match listener.accept().await {
+                    Ok((socket, _)) => {
+                        retry.accepted();
+                        socket
+                    }
+                    Err(error) => match retry.wait(error).await {
+                        Ok(()) => continue,
+                        Err(error) => {
+                            eprintln!("server_child: the listener failed: {error}");
+                            return;
+                        }
+                    },
+                };
                 let reply = reply.clone();
                 tokio::spawn(async move {
                     let _ = socket.write_all(reply.as_bytes()).await;

@@ -70,9 +70,9 @@ fn internal_commands_are_refused_or_observed_never_delivered() {
             let got = util::within("message", b.recv()).await.unwrap().unwrap();
             assert_eq!(got.value().unwrap(), ordinary);
         }
-        let InternalMessage { value, had_fd } = util::within("observer", observer.recv()).await.unwrap();
-        assert_eq!(value, json!({"cmd": "NODE_CUSTOM", "x": 1}));
-        assert!(!had_fd);
+        let seen: InternalMessage = util::within("observer", observer.recv()).await.unwrap();
+        assert_eq!(seen.value().unwrap(), json!({"cmd": "NODE_CUSTOM", "x": 1}));
+        assert!(!seen.had_fd());
     })
 }
 
@@ -235,5 +235,40 @@ fn dropping_a_full_receiver_does_not_stop_acknowledgements() {
         util::within("b closed", b_sender.closed()).await;
         drop((a, b_sender));
         util::assert_fds_settle_to(&baseline).await;
+    })
+}
+
+/// What cannot be JSON is refused before anything is queued: a map whose keys are not strings,
+/// and a value whose `Serialize` fails. The channel goes on.
+#[test]
+fn values_that_cannot_be_serialized_are_refused() {
+    util::serial_test(async {
+        let (a, mut b) = Channel::pair().unwrap();
+        let mut by_pair = std::collections::BTreeMap::new();
+        by_pair.insert((1, 2), "tuple keys");
+        match a.send(&by_pair).await {
+            Err(SendError::Serialize(e)) => assert!(e.to_string().contains("key must be a string"), "{e}"),
+            other => panic!("expected Serialize, got {other:?}"),
+        }
+
+        struct Fails;
+        impl serde::Serialize for Fails {
+            fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+                Err(serde::ser::Error::custom("this value refuses"))
+            }
+        }
+        match a.send(&Fails).await {
+            Err(SendError::Serialize(e)) => assert!(e.to_string().contains("this value refuses"), "{e}"),
+            other => panic!("expected Serialize, got {other:?}"),
+        }
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        match a.send_handle(&Fails, handoff::handle::KeepOpen(&listener)).await {
+            Err(SendError::Serialize(_)) => {}
+            other => panic!("expected Serialize, got {other:?}"),
+        }
+
+        a.send(&"still fine").await.unwrap();
+        let got = util::within("message", b.recv()).await.unwrap().unwrap();
+        assert_eq!(got.json(), "\"still fine\"");
     })
 }

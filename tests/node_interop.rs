@@ -734,10 +734,10 @@ fn rust_sent_dgram_envelopes_carry_dgram_type() {
         for (bind, type_) in [("127.0.0.1:0", "udp4"), ("[::1]:0", "udp6")] {
             a.send_handle(&"udp", std::net::UdpSocket::bind(bind).unwrap()).await.unwrap();
             let envelope = util::within("the envelope", internal.recv()).await.unwrap();
-            assert!(envelope.had_fd);
-            assert_eq!(envelope.value["cmd"], "NODE_HANDLE");
-            assert_eq!(envelope.value["type"], "dgram.Socket");
-            assert_eq!(envelope.value["dgramType"], type_);
+            assert!(envelope.had_fd());
+            assert_eq!(envelope.value().unwrap()["cmd"], "NODE_HANDLE");
+            assert_eq!(envelope.value().unwrap()["type"], "dgram.Socket");
+            assert_eq!(envelope.value().unwrap()["dgramType"], type_);
             let mut message = util::within("the message", b.recv()).await.unwrap().unwrap();
             assert_eq!(message.take_handle().unwrap().dgram_type(), DgramType::from_wire(type_));
         }
@@ -745,7 +745,7 @@ fn rust_sent_dgram_envelopes_carry_dgram_type() {
             .await
             .unwrap();
         let envelope = util::within("the envelope", internal.recv()).await.unwrap();
-        assert_eq!(envelope.value["type"], "dgram.Native");
+        assert_eq!(envelope.value().unwrap()["type"], "dgram.Native");
         b.recv().await.unwrap().unwrap();
     })
 }
@@ -839,8 +839,8 @@ fn internal_messages_rust_parent_node_child() {
         peer.send(json!({"op": "internal"})).await;
         assert_eq!(value(&peer.recv().await), json!({"op": "after-internal"}));
         let seen = internal.try_recv().expect("NODE_CUSTOM on the internal feed");
-        assert_eq!(seen.value, json!({"cmd": "NODE_CUSTOM", "x": 1}));
-        assert!(!seen.had_fd);
+        assert_eq!(seen.value().unwrap(), json!({"cmd": "NODE_CUSTOM", "x": 1}));
+        assert!(!seen.had_fd());
 
         // We refuse to send an internal-looking message...
         match peer.child.send(&json!({"cmd": "NODE_X"})).await {

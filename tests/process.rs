@@ -35,7 +35,7 @@ fn rust_child_round_trip_and_clean_environment() {
     // The child removed the variables, so neither it nor its own children see them.
     assert_eq!(report["env_fd"], Value::Null);
     assert_eq!(report["env_mode"], Value::Null);
-    assert_eq!(report["grandchild_env"], "unset:unset");
+    assert_eq!(report["grandchild_env"], "unset:unset:unset");
     // Its channel is at fd 3 and close-on-exec once attached (the other sockets, if any, are
     // tokio's own signal pipe, made when the probe spawned the grandchild).
     let sockets = report["channel_fds"].as_array().unwrap();
@@ -194,4 +194,83 @@ fn channel_on_stdin_leaves_standard_input_valid() {
         let status = util::within("child exit", child.wait()).await.unwrap();
         assert!(status.success(), "{status}");
     })
+}
+
+/// `NODE_UNIQUE_ID` marks a cluster worker: the child keeps it for `worker_id()` and removes it
+/// from its environment; `Command` never passes on an inherited one, but one set explicitly
+/// goes through.
+#[test]
+fn worker_id_is_not_inherited_by_grandchildren() {
+    util::serial_test(async {
+        let mut child = probe().env("NODE_UNIQUE_ID", "7").spawn().unwrap();
+        child.send(&json!({"report": true})).await.unwrap();
+        let report = next_value(&mut child).await;
+        assert_eq!(report["worker_id"], "7");
+        assert_eq!(report["grandchild_env"], "unset:unset:unset");
+
+        // Put back into the child's environment (as if it never attached): a handoff::Command
+        // still does not pass it on...
+        child.send(&json!({"spawn_probe": {"set_worker_id": "9"}})).await.unwrap();
+        let report = next_value(&mut child).await;
+        assert_eq!(report["grandchild"]["worker_id"], Value::Null, "{report}");
+        // ...unless it is set on the command.
+        child.send(&json!({"spawn_probe": {"worker_id": "5"}})).await.unwrap();
+        let report = next_value(&mut child).await;
+        assert_eq!(report["grandchild"]["worker_id"], "5", "{report}");
+
+        child.disconnect();
+        assert!(util::within("child exit", child.wait()).await.unwrap().success());
+    })
+}
+
+/// A Rust child that sends and returns from `main` at once loses nothing: the channel writes
+/// what is queued while the runtime shuts down.
+#[test]
+fn messages_sent_just_before_main_returns_arrive() {
+    util::serial_test(async {
+        let mut child = probe().spawn().unwrap();
+        child.send(&json!({"burst": 1000})).await.unwrap();
+        for i in 0..1000 {
+            assert_eq!(next_value(&mut child).await, json!({"i": i}));
+        }
+        assert!(util::within("end of messages", child.recv()).await.is_none());
+        assert!(util::within("child exit", child.wait()).await.unwrap().success());
+    })
+}
+
+/// A parent whose descriptors 0-2 are closed (a daemon) gets its socket pair there; the child's
+/// end must not sit where std's stdio set-up overwrites it (here: the grandchild's stdout is
+/// piped).
+#[test]
+fn a_parent_with_stdio_closed_still_gives_its_child_a_channel() {
+    util::serial_test(async {
+        let mut child = probe()
+            .env("IPC_PROBE_CLOSE_STDIO", "1")
+            .spawn()
+            .unwrap();
+        child.send(&json!({"spawn_probe": {"stdout_piped": true}})).await.unwrap();
+        let report = next_value(&mut child).await;
+        let grandchild = &report["grandchild"];
+        assert!(grandchild["pid"].is_u64(), "the grandchild answered on its channel: {report}");
+        let sockets = grandchild["channel_fds"].as_array().unwrap();
+        assert!(sockets.contains(&json!([3, true])), "{sockets:?}");
+        child.disconnect();
+        assert!(util::within("child exit", child.wait()).await.unwrap().success());
+    })
+}
+
+/// `NODE_CHANNEL_FD` naming a descriptor the process opened itself (close-on-exec) is refused
+/// with a clear error, and that descriptor stays its owner's.
+#[test]
+fn parent_channel_refuses_a_descriptor_the_process_owns() {
+    let output = std::process::Command::new(util::example("ipc_probe"))
+        .env("IPC_PROBE_MODE", "own-fd")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{:?}: {stdout} {}", output.status, String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("parent_channel: Err("), "{stdout}");
+    assert!(stdout.contains("close-on-exec"), "{stdout}");
+    assert!(stdout.contains("own socket still works: true"), "{stdout}");
+    assert!(stdout.contains("done"), "{stdout}");
 }

@@ -157,16 +157,24 @@ fn a_killed_child_neither_hangs_nor_leaks() {
         let mut clients = hand_out(&server, &[&child], 5).await;
         expect_count(&server, 5).await;
         let sender = child.sender().clone();
+        // Stopped, the child cannot answer: the request is certainly in flight when it dies.
+        let pid = rustix::process::Pid::from_raw(child.id().unwrap() as i32).unwrap();
+        rustix::process::kill_process(pid, rustix::process::Signal::STOP).unwrap();
+        let server = std::sync::Arc::new(server);
+        let asking = tokio::spawn({
+            let server = server.clone();
+            async move { server.get_connections().await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(!asking.is_finished(), "a stopped child answered");
         child.kill().await.unwrap();
-        // In flight, the request fails naming the child; once the channel is known closed, the
-        // child is left out and the count is the reduced one.
-        match server.get_connections().await {
-            Ok(0) => {}
+        match util::within("the count", asking).await.unwrap() {
             Err(ServerError::ChildClosedBeforeReply { peer }) => {
                 assert_eq!(peer, format!("child process {}", child_pid(&sender)));
             }
-            other => panic!("expected 0 or ChildClosedBeforeReply, got {other:?}"),
+            other => panic!("expected ChildClosedBeforeReply, got {other:?}"),
         }
+        // Asked again, the closed channel is left out.
         util::within("channel closed", sender.closed()).await;
         assert_eq!(server.get_connections().await.unwrap(), 0);
         util::within("close()", server.close()).await.unwrap();

@@ -21,7 +21,7 @@ pub(crate) struct DemoArgs {
 
 /// The parent: listen, fork the child, hand it every connection.
 pub(crate) async fn parent(args: DemoArgs) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", args.port))
+    let server = handoff::server::Server::bind(SocketAddr::from(([127, 0, 0, 1], args.port)))
         .await
         .with_context(|| format!("cannot listen on 127.0.0.1:{}", args.port))?;
     let mut command = match args.child.split_first() {
@@ -37,19 +37,26 @@ pub(crate) async fn parent(args: DemoArgs) -> anyhow::Result<()> {
         }
     };
     let mut child = command.kill_on_drop(true).spawn().context("cannot start the child")?;
-    let addr = listener.local_addr()?;
+    let addr = server.local_addr().expect("a TCP server");
     println!("listening on {addr}");
     let sender = child.sender().clone();
     let serve = async move {
         loop {
-            let (socket, _) = listener.accept().await?;
-            // Queue it and accept on; the channel delivers handles in order, one ACK at a time.
-            let delivery = sender.queue_handle(&"socket", socket).await?;
-            tokio::spawn(async move {
-                if let Err(e) = delivery.await {
-                    eprintln!("demo: could not hand a connection to the child: {e}");
+            // Waits out descriptor exhaustion instead of failing (connections queue meanwhile).
+            let connection = server.accept().await?;
+            // Queue it and accept on; the channel delivers handles in order, one ACK at a time,
+            // and makes this wait while `send_handles` of them are unacknowledged.
+            match sender.queue_handle(&"socket", connection).await {
+                Ok(delivery) => {
+                    tokio::spawn(async move {
+                        if let Err(e) = delivery.await {
+                            eprintln!("demo: could not hand a connection to the child: {e}");
+                        }
+                    });
                 }
-            });
+                // The child is gone; the caller reports its exit.
+                Err(e) => eprintln!("demo: could not hand a connection to the child: {e}"),
+            }
         }
         #[allow(unreachable_code)]
         Ok::<(), anyhow::Error>(())
@@ -91,6 +98,8 @@ pub(crate) async fn child() -> anyhow::Result<()> {
         .context("demo-child must be started by `handoff demo` (no IPC channel)")?;
     let mut answering = tokio::task::JoinSet::new();
     while let Some(received) = parent.recv().await {
+        // Finished answers are reaped as we go, so the set holds only those in progress.
+        while answering.try_join_next().is_some() {}
         let mut message = match received {
             Ok(message) => message,
             Err(e) => {
@@ -99,12 +108,15 @@ pub(crate) async fn child() -> anyhow::Result<()> {
             }
         };
         let is_socket = message.deserialize::<String>().is_ok_and(|m| m == "socket");
-        if let (true, Some(handle)) = (is_socket, message.take_handle()) {
-            let mut socket: tokio::net::TcpStream = handle.into()?;
-            answering.spawn(async move {
-                let _ = socket.write_all(b"Child handled it.").await;
-                let _ = socket.shutdown().await;
-            });
+        let Some(handle) = message.take_handle().filter(|_| is_socket) else { continue };
+        match handle.into::<tokio::net::TcpStream>() {
+            Ok(mut socket) => {
+                answering.spawn(async move {
+                    let _ = socket.write_all(b"Child handled it.").await;
+                    let _ = socket.shutdown().await;
+                });
+            }
+            Err(e) => eprintln!("demo-child: skipping a handle: {e}"),
         }
     }
     while answering.join_next().await.is_some() {}

@@ -7,7 +7,12 @@
 //! - `held`: frames waiting behind unacknowledged handles (Node's ordering, protocol doc §4.3);
 //! - `in_flight`: handles written and awaiting `NODE_HANDLE_ACK`/`NACK`, oldest first (the peer
 //!   answers in the order it reads them, so answers match this queue front to back);
-//! - the receiver's queue of decoded messages.
+//! - the receiver's queue of decoded messages;
+//!
+//! and one more in the other direction: `owed`, the protocol replies (ACK/NACK, socket counts)
+//! we owe the peer. They never wait behind our own handles (protocol doc §4.2), they go out
+//! between frames, and they are bounded ([`ChannelConfig::reply_buffer`]): a peer that asks and
+//! never reads the answers stops being read.
 //!
 //! # Who owns a sent descriptor
 //! The [`PendingHandle`] owns it from `send_handle` on: in `held` or `write_queue` until written,
@@ -15,7 +20,7 @@
 //! NACK puts it back in `write_queue`, until the retransmission limit closes it; a closing channel
 //! hands it back to the caller in [`SendError::Disconnected`].
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::Ordering;
@@ -23,19 +28,19 @@ use std::sync::Arc;
 
 use tokio::io::Interest;
 use tokio::net::UnixStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 use tokio::time::Instant;
 
 use super::envelope::{self, HandleEnvelope};
 use super::frame::{Decoded, Decoder, Frame};
 use super::{
-    queued_cost, ChannelConfig, Command, InternalMessage, Message, Outgoing, RecvError, SendError,
-    Shared,
+    carries_handle, excerpt, queued_cost, ChannelConfig, Command, InternalMessage, Message,
+    Outgoing, RecvError, SendError, Shared,
 };
 use crate::handle::{DgramType, HandleType, ReceivedHandle};
 use crate::server::socket_list::{ReceiveLists, ReplyKind};
+use crate::server::MAX_KEY_LEN;
 use crate::sys;
-use serde_json::json;
 
 /// Size of the read buffer: one `recvmsg` takes at most this much.
 const READ_CHUNK: usize = 256 * 1024;
@@ -51,18 +56,32 @@ const SMALL_FRAME: usize = 4 * 1024;
 const MAX_STAGED_BYTES: usize = 256 * 1024;
 /// How often pending `NODE_SOCKET_NOTIFY_CLOSE` requests are re-checked.
 const CLOSE_POLL: std::time::Duration = std::time::Duration::from_millis(50);
+/// Most bytes of replies rendered for one write.
+const REPLY_BATCH: usize = 16 * 1024;
+/// What a reply waiting in `owed` is charged beyond its key, against `reply_buffer`: the queue
+/// entry and the bytes it will be written as.
+const REPLY_COST: usize = std::mem::size_of::<Reply>() + 32;
+/// Bytes of a peer's string kept in an error message.
+const EXCERPT: usize = 64;
 
 /// A handle that has been queued and not yet acknowledged.
 #[derive(Debug)]
 pub(crate) struct PendingHandle {
     fd: OwnedFd,
-    attempts: u8,
+    attempts: u16,
     done: Option<oneshot::Sender<Result<(), SendError>>>,
+    /// Its place in the channel's descriptor budget (`send_handles`), given back when it is
+    /// resolved.
+    _slot: OwnedSemaphorePermit,
 }
 
 impl PendingHandle {
-    pub(crate) fn new(fd: OwnedFd, done: oneshot::Sender<Result<(), SendError>>) -> PendingHandle {
-        PendingHandle { fd, attempts: 0, done: Some(done) }
+    pub(crate) fn new(
+        fd: OwnedFd,
+        done: oneshot::Sender<Result<(), SendError>>,
+        slot: OwnedSemaphorePermit,
+    ) -> PendingHandle {
+        PendingHandle { fd, attempts: 0, done: Some(done), _slot: slot }
     }
 
     /// The channel closed before this handle was ever written: the error gives the fd back.
@@ -90,6 +109,68 @@ impl PendingHandle {
 struct InFlight {
     bytes: Vec<u8>,
     handle: PendingHandle,
+}
+
+/// A protocol reply we owe the peer; rendered only when it is written, so a count is current.
+#[derive(Debug)]
+enum Reply {
+    Ack,
+    Nack,
+    Count(Box<str>),
+    AllClosed(Box<str>),
+}
+
+/// The replies we owe the peer, in order, and the batch being written.
+#[derive(Debug, Default)]
+struct Owed {
+    queue: VecDeque<Reply>,
+    /// What `queue` is charged against `reply_buffer`.
+    bytes: usize,
+    /// Keys with a count (or all-closed) reply in `queue`: an identical request is answered by it.
+    counts: HashSet<Box<str>>,
+    all_closed: HashSet<Box<str>>,
+    /// The rendered batch, and how much of it is written. Once started it is finished before any
+    /// other frame, and it is started only between frames.
+    out: Vec<u8>,
+    out_written: usize,
+    /// A reply batch went last: the next write is a user frame's, so replies cannot starve them.
+    user_turn: bool,
+}
+
+impl Owed {
+    fn cost(reply: &Reply) -> usize {
+        REPLY_COST
+            + match reply {
+                Reply::Ack | Reply::Nack => 0,
+                // In the queue and in the set of pending keys.
+                Reply::Count(key) | Reply::AllClosed(key) => 2 * key.len(),
+            }
+    }
+
+    fn push(&mut self, reply: Reply) {
+        let pending = match &reply {
+            Reply::Count(key) => Some((&mut self.counts, key)),
+            Reply::AllClosed(key) => Some((&mut self.all_closed, key)),
+            Reply::Ack | Reply::Nack => None,
+        };
+        if let Some((pending, key)) = pending {
+            if !pending.insert(key.clone()) {
+                return; // the reply already owed answers this request too
+            }
+        }
+        self.bytes += Owed::cost(&reply);
+        self.queue.push_back(reply);
+    }
+
+    /// Nothing owed, nothing half-written.
+    fn is_empty(&self) -> bool {
+        self.queue.is_empty() && self.out_written == self.out.len()
+    }
+
+    /// The peer is gone: nobody will read what we owe.
+    fn clear(&mut self) {
+        *self = Owed::default();
+    }
 }
 
 pub(crate) struct Driver {
@@ -122,6 +203,11 @@ pub(crate) struct Driver {
     staging: Vec<u8>,
     /// The user dropped every `Sender` (handoff's own uncounted ones may remain).
     senders_gone: bool,
+    /// Replies we owe the peer.
+    owed: Owed,
+    /// The runtime is gone: the socket is used directly, without tokio's readiness (see
+    /// [`Driver::linger`]).
+    lingering: bool,
 }
 
 impl Driver {
@@ -154,10 +240,31 @@ impl Driver {
             peer_gone: false,
             staging: Vec::new(),
             senders_gone: false,
+            owed: Owed::default(),
+            lingering: false,
         }
     }
 
-    pub(crate) async fn run(mut self) {
+    /// Drives the channel until it closes. If the future is dropped first (the runtime shut
+    /// down: `main` returned), what is still queued is written synchronously, for at most
+    /// [`ChannelConfig::linger`], before the channel closes.
+    pub(crate) async fn run(self) {
+        /// Owns the driver while it runs; dropped early, it lingers.
+        struct Running(Option<Driver>);
+        impl Drop for Running {
+            fn drop(&mut self) {
+                if let Some(mut driver) = self.0.take() {
+                    driver.linger();
+                    driver.close();
+                }
+            }
+        }
+        let mut running = Running(Some(self));
+        running.0.as_mut().expect("set above").run_loop().await;
+        running.0.take().expect("set above").close();
+    }
+
+    async fn run_loop(&mut self) {
         loop {
             self.absorb_commands();
             if self.socket_lists.has_close_requests() && Instant::now() >= self.next_close_check {
@@ -169,6 +276,7 @@ impl Driver {
                     // The peer closed its end: what it sent before is still to be read, up to
                     // the end-of-file that closes the channel.
                     self.peer_gone = true;
+                    self.owed.clear();
                 } else {
                     self.report(RecvError::Io(e));
                     break;
@@ -177,11 +285,9 @@ impl Driver {
             if self.finished || self.done_disconnecting() || self.abandoned() {
                 break;
             }
-            let want_write = !self.write_queue.is_empty() && !self.peer_gone;
-            // With the receiver gone nothing will ever drain its queue: stop counting it, or the
-            // channel would never read (and ACK, and see end-of-file) again.
-            let recv_full = !self.messages.is_closed()
-                && self.shared.recv_queued.load(Ordering::SeqCst) >= self.config.recv_buffer;
+            let want_write = self.has_unwritten() && !self.peer_gone;
+            let recv_full = self.recv_full();
+            let may_read = !recv_full && !self.replies_full();
             tokio::select! {
                 biased;
                 command = self.commands.recv(), if self.commands_open => match command {
@@ -194,7 +300,7 @@ impl Driver {
                         break;
                     }
                 }
-                ready = self.stream.readable(), if !recv_full => {
+                ready = self.stream.readable(), if may_read => {
                     if let Err(e) = ready {
                         self.report(RecvError::Io(e));
                         break;
@@ -206,7 +312,55 @@ impl Driver {
                 _ = self.messages.closed(), if !self.messages.is_closed() => {}
             }
         }
-        self.close();
+    }
+
+    /// The runtime dropped the driver before the channel closed (`main` returned while messages
+    /// were queued): write them now, synchronously, reading the peer's acknowledgements where a
+    /// frame waits behind a handle, for at most [`ChannelConfig::linger`]. A Node child's process
+    /// stays alive until its pending writes finish; this is the bounded equivalent.
+    fn linger(&mut self) {
+        self.lingering = true;
+        self.absorb_commands();
+        let deadline = std::time::Instant::now() + self.config.linger;
+        while !self.finished && !self.peer_gone {
+            if let Err(e) = self.write_ready() {
+                tracing::debug!(error = %e, "handoff channel: writing at exit failed");
+                return;
+            }
+            // Frames held behind a handle move on only when its acknowledgement is read.
+            let want_read = !self.held.is_empty();
+            let want_write = self.has_unwritten();
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if (!want_write && !want_read) || self.peer_gone || left.is_zero() {
+                return;
+            }
+            if sys::wait_socket(self.stream.as_fd(), want_read, want_write, left).is_err() {
+                return;
+            }
+            if want_read {
+                self.read_ready();
+            }
+        }
+    }
+
+    /// Anything queued that is not written yet: frames (also those held behind handles) or
+    /// replies.
+    fn has_unwritten(&self) -> bool {
+        !self.write_queue.is_empty() || !self.owed.is_empty()
+    }
+
+    /// The receiver's queue is at its byte or descriptor budget. With the receiver gone nothing
+    /// will ever drain it: then it never counts, or the channel would never read (and ACK, and see
+    /// end-of-file) again.
+    fn recv_full(&self) -> bool {
+        !self.messages.is_closed()
+            && (self.shared.recv_queued.load(Ordering::SeqCst) >= self.config.recv_buffer
+                || self.shared.recv_handles_queued.load(Ordering::SeqCst) >= self.config.recv_handles)
+    }
+
+    /// We owe the peer as many replies as we hold for it: read no more requests until it reads.
+    fn replies_full(&self) -> bool {
+        self.owed.bytes >= self.config.reply_buffer
     }
 
     /// All senders and the receiver are gone and nothing is left to do: close like a disconnect.
@@ -216,6 +370,7 @@ impl Driver {
             && self.write_queue.is_empty()
             && self.held.is_empty()
             && self.in_flight.is_empty()
+            && self.owed.is_empty()
     }
 
     fn done_disconnecting(&self) -> bool {
@@ -223,6 +378,17 @@ impl Driver {
             && self.write_queue.is_empty()
             && self.held.is_empty()
             && self.in_flight.is_empty()
+            && self.owed.is_empty()
+    }
+
+    /// One `sendmsg`: through tokio's readiness while the runtime runs, directly when lingering.
+    fn send(&self, bufs: &[IoSlice<'_>], fds: &[std::os::fd::BorrowedFd<'_>]) -> io::Result<usize> {
+        let send = || sys::send_with_fds(self.stream.as_fd(), bufs, fds);
+        if self.lingering {
+            send()
+        } else {
+            self.stream.try_io(Interest::WRITABLE, send)
+        }
     }
 
     fn absorb_commands(&mut self) {
@@ -289,22 +455,62 @@ impl Driver {
         }
     }
 
-    /// A protocol reply (ACK/NACK): never held behind our own handles (protocol doc §4.2).
-    fn push_reply(&mut self, bytes: &'static [u8]) {
-        self.write_queue.push_back(Outgoing {
-            bytes: bytes.to_vec(),
-            handle: None,
-            permits: 0,
-            written: None,
-        });
+    /// A protocol reply: never held behind our own handles (protocol doc §4.2).
+    fn push_reply(&mut self, reply: Reply) {
+        if !self.peer_gone {
+            self.owed.push(reply);
+        }
     }
 
-    /// Writes as much of `write_queue` as the socket takes without blocking.
+    /// Renders the next batch of owed replies into `owed.out`.
+    fn render_replies(&mut self) {
+        let Driver { owed, socket_lists, .. } = self;
+        owed.out.clear();
+        owed.out_written = 0;
+        while owed.out.len() < REPLY_BATCH {
+            let Some(reply) = owed.queue.pop_front() else { break };
+            owed.bytes -= Owed::cost(&reply);
+            match reply {
+                Reply::Ack => owed.out.extend_from_slice(envelope::ACK),
+                Reply::Nack => owed.out.extend_from_slice(envelope::NACK),
+                Reply::Count(key) => {
+                    owed.counts.remove(&key);
+                    let count = socket_lists.count(&key);
+                    envelope::encode_count(&mut owed.out, &key, count);
+                }
+                Reply::AllClosed(key) => {
+                    owed.all_closed.remove(&key);
+                    envelope::encode_all_closed(&mut owed.out, &key);
+                }
+            }
+        }
+        owed.user_turn = true;
+    }
+
+    /// Writes as much as the socket takes without blocking: owed replies between frames (taking
+    /// turns with the user's frames), then `write_queue`.
     fn write_ready(&mut self) -> io::Result<()> {
         if self.peer_gone {
             return Ok(());
         }
-        while let Some(front) = self.write_queue.front() {
+        loop {
+            if self.owed.out_written < self.owed.out.len() {
+                let result = self.send(&[IoSlice::new(&self.owed.out[self.owed.out_written..])], &[]);
+                match result {
+                    Ok(n) => self.owed.out_written += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+                continue;
+            }
+            let user_waits = !self.write_queue.is_empty() && self.owed.user_turn;
+            if self.front_written == 0 && !self.owed.queue.is_empty() && !user_waits {
+                self.render_replies();
+                continue;
+            }
+            let Some(front) = self.write_queue.front() else { return Ok(()) };
+            self.owed.user_turn = false;
             if front.bytes.is_empty() {
                 let done = self.write_queue.pop_front().expect("front exists");
                 self.on_written(done);
@@ -314,11 +520,7 @@ impl Driver {
                 // A handle frame starts its own sendmsg, carrying the fd with its first byte, and
                 // nothing after it rides on that sendmsg (the receiver binds fds to the last
                 // handle frame starting in a read).
-                let bytes = &front.bytes;
-                let fd = handle.fd.as_fd();
-                self.stream.try_io(Interest::WRITABLE, || {
-                    sys::send_with_fds(self.stream.as_fd(), &[IoSlice::new(bytes)], &[fd])
-                })
+                self.send(&[IoSlice::new(&front.bytes)], &[handle.fd.as_fd()])
             } else if front.bytes.len() - self.front_written < SMALL_FRAME {
                 // Small frames are copied into one buffer: the kernel's per-segment cost for a
                 // writev of many tiny iovecs is far above a userspace memcpy.
@@ -333,10 +535,7 @@ impl Driver {
                         break;
                     }
                 }
-                let staged = &self.staging;
-                self.stream.try_io(Interest::WRITABLE, || {
-                    sys::send_with_fds(self.stream.as_fd(), &[IoSlice::new(staged)], &[])
-                })
+                self.send(&[IoSlice::new(&self.staging)], &[])
             } else {
                 // Large frames go out as they are, gathered without copying.
                 let mut iov = [IoSlice::new(&[]); MAX_IOVECS];
@@ -354,10 +553,7 @@ impl Driver {
                         break;
                     }
                 }
-                let iov = &iov[..count];
-                self.stream.try_io(Interest::WRITABLE, || {
-                    sys::send_with_fds(self.stream.as_fd(), iov, &[])
-                })
+                self.send(&iov[..count], &[])
             };
             match result {
                 Ok(n) => self.advance(n),
@@ -366,7 +562,6 @@ impl Driver {
                 Err(e) => return Err(e),
             }
         }
-        Ok(())
     }
 
     /// `n` bytes from the front of `write_queue` are written.
@@ -404,12 +599,16 @@ impl Driver {
     }
 
     fn read_ready(&mut self) {
-        for _ in 0..READS_PER_WAKE {
+        for i in 0..READS_PER_WAKE {
+            // A budget filled by the last read: stop here, the peer's bytes wait in the kernel.
+            if i > 0 && (self.recv_full() || self.replies_full()) {
+                return;
+            }
             let mut fds = Vec::new();
             let mut drained_read = None;
             let buf = &mut self.read_buf;
             let stream = &self.stream;
-            let result = stream.try_io(Interest::READABLE, || {
+            let mut read = || {
                 let received = sys::recv_with_fds(stream.as_fd(), buf, &mut fds)?;
                 // A short read that brought no descriptors found the socket's queue empty (the
                 // kernel ends a read early only at a segment that carried descriptors), so say
@@ -420,7 +619,8 @@ impl Driver {
                     return Err(io::ErrorKind::WouldBlock.into());
                 }
                 Ok(received)
-            });
+            };
+            let result = if self.lingering { read() } else { stream.try_io(Interest::READABLE, read) };
             let (result, drained) = match (result, drained_read) {
                 (_, Some(received)) => (Ok(received), true),
                 (result, None) => (result, false),
@@ -485,10 +685,9 @@ impl Driver {
             self.deliver(Message { json: frame.text, handle: None });
             return;
         };
-        if self.shared.internal.receiver_count() > 0 {
-            if let Ok(value) = serde_json::from_str(&frame.text) {
-                let _ = self.shared.internal.send(InternalMessage { value, had_fd: frame.fd.is_some() });
-            }
+        if self.shared.observers.any() {
+            let had_fd = frame.fd.is_some();
+            self.shared.observers.publish(InternalMessage { json: frame.text.as_str().into(), had_fd });
         }
         match cmd {
             "NODE_HANDLE" => self.on_handle_frame(frame),
@@ -505,14 +704,14 @@ impl Driver {
     fn on_handle_frame(&mut self, frame: Frame) {
         let envelope = envelope::parse_handle(&frame.text);
         let Some(fd) = frame.fd else {
-            self.push_reply(envelope::NACK);
-            let handle_type = envelope.map(|e| e.handle_type).unwrap_or_default();
+            self.push_reply(Reply::Nack);
+            let handle_type = envelope.map(|e| excerpt(&e.handle_type, EXCERPT)).unwrap_or_default();
             self.report(RecvError::HandleWithoutFd { handle_type });
             return;
         };
         // Exactly one ACK per handle message, before converting it — even for Node's
         // double-wrapped retransmission, and even if the handle is then refused.
-        self.push_reply(envelope::ACK);
+        self.push_reply(Reply::Ack);
         let envelope = match envelope {
             Ok(envelope) => envelope,
             Err(e) => {
@@ -520,7 +719,7 @@ impl Driver {
                 self.report(RecvError::HandleRejected {
                     message: String::new(),
                     handle_type: String::new(),
-                    reason: format!("the NODE_HANDLE envelope is not an object of the expected shape: {e}"),
+                    reason: e.to_string(),
                 });
                 return;
             }
@@ -529,7 +728,7 @@ impl Driver {
             Ok(handle) => self.deliver(Message { json: envelope.msg, handle: Some(handle) }),
             Err(reason) => self.report(RecvError::HandleRejected {
                 message: envelope.msg,
-                handle_type: envelope.handle_type,
+                handle_type: excerpt(&envelope.handle_type, EXCERPT),
                 reason,
             }),
         }
@@ -551,7 +750,7 @@ impl Driver {
             return;
         };
         handle.attempts += 1;
-        if handle.attempts > self.config.max_retransmits {
+        if handle.attempts > u16::from(self.config.max_retransmits) {
             self.handles_outstanding -= 1;
             let attempts = handle.attempts;
             handle.finish(Err(SendError::NotDelivered { attempts }));
@@ -570,20 +769,30 @@ impl Driver {
             #[serde(default)]
             count: usize,
         }
-        let Ok(message) = serde_json::from_str::<SocketListMessage>(text) else {
-            tracing::debug!(text, "ignoring a socket-list message without a string key");
-            return;
+        let message = match serde_json::from_str::<SocketListMessage>(text) {
+            Ok(message) if message.key.len() <= MAX_KEY_LEN => message,
+            Ok(message) => {
+                let reason = format!(
+                    "its key is {} bytes long, over the {MAX_KEY_LEN}-byte limit (handoff::server::MAX_KEY_LEN); \
+                     no socket is filed under such a key",
+                    message.key.len()
+                );
+                self.report(RecvError::InternalRejected { cmd: cmd.to_owned(), reason });
+                return;
+            }
+            Err(e) => {
+                let reason = format!("it needs a string key and a numeric count: {}", excerpt(&e.to_string(), 200));
+                self.report(RecvError::InternalRejected { cmd: cmd.to_owned(), reason });
+                return;
+            }
         };
         let key = message.key;
         match cmd {
-            "NODE_SOCKET_GET_COUNT" => {
-                let count = self.socket_lists.count(&key);
-                self.push_socket_list_reply(json!({"cmd": "NODE_SOCKET_COUNT", "key": key, "count": count}));
-            }
+            "NODE_SOCKET_GET_COUNT" => self.push_reply(Reply::Count(key.into())),
             "NODE_SOCKET_NOTIFY_CLOSE" => {
                 self.next_close_check = Instant::now() + CLOSE_POLL;
                 if self.socket_lists.request_close(&key) {
-                    self.push_socket_list_reply(json!({"cmd": "NODE_SOCKET_ALL_CLOSED", "key": key}));
+                    self.push_reply(Reply::AllClosed(key.into()));
                 }
             }
             "NODE_SOCKET_COUNT" => self.shared.replies.resolve(ReplyKind::Count, &key, message.count),
@@ -594,20 +803,15 @@ impl Driver {
     /// Answers the close requests whose sockets have all closed since they were asked.
     fn answer_closed_lists(&mut self) {
         for key in self.socket_lists.now_closed() {
-            self.push_socket_list_reply(json!({"cmd": "NODE_SOCKET_ALL_CLOSED", "key": key}));
+            self.push_reply(Reply::AllClosed(key));
         }
-    }
-
-    fn push_socket_list_reply(&mut self, reply: serde_json::Value) {
-        let bytes = super::frame::encode(&reply).expect("a JSON value always serializes");
-        self.write_queue.push_back(Outgoing { bytes, handle: None, permits: 0, written: None });
     }
 
     fn deliver(&mut self, message: Message) {
         if let Some(handle) = &message.handle {
             if let (HandleType::NetSocket, Some(key)) = (handle.handle_type, &handle.key) {
-                if let Ok(inode) = sys::inode(handle.fd.as_fd()) {
-                    self.socket_lists.add(key, inode);
+                if let Ok(socket) = sys::FdIdentity::of(handle.fd.as_fd()) {
+                    self.socket_lists.add(key, socket);
                 }
             }
         }
@@ -626,6 +830,9 @@ impl Driver {
             return;
         }
         self.shared.recv_queued.fetch_add(queued_cost(&item), Ordering::SeqCst);
+        if carries_handle(&item) {
+            self.shared.recv_handles_queued.fetch_add(1, Ordering::SeqCst);
+        }
         let _ = self.messages.send(item);
     }
 
@@ -633,6 +840,7 @@ impl Driver {
     fn close(mut self) {
         self.shared.connected.store(false, Ordering::SeqCst);
         self.shared.send_budget.close();
+        self.shared.handle_budget.close();
         self.commands.close();
         let front_partly_written = self.front_written > 0;
         let mut unwritten: Vec<(Outgoing, bool)> = Vec::new();
@@ -658,6 +866,7 @@ impl Driver {
         }
         drop(self.stream);
         self.shared.replies.close();
+        self.shared.observers.close();
         self.shared.closed.send_replace(true);
         self.shared.recv_space.notify_one();
     }
@@ -667,8 +876,18 @@ impl Driver {
 /// type promises, `dgramType` filled for UDP.
 fn check_handle(envelope: &HandleEnvelope, fd: OwnedFd) -> Result<ReceivedHandle, String> {
     let Some(handle_type) = HandleType::from_wire(&envelope.handle_type) else {
-        return Err(format!("{:?} is not a handle type Node defines", envelope.handle_type));
+        return Err(format!(
+            "{:?} is not a handle type Node defines",
+            excerpt(&envelope.handle_type, EXCERPT)
+        ));
     };
+    if let Some(key) = envelope.key.as_ref().filter(|key| key.len() > MAX_KEY_LEN) {
+        return Err(format!(
+            "its server key is {} bytes long, over the {MAX_KEY_LEN}-byte limit \
+             (handoff::server::MAX_KEY_LEN; Node's keys are like 4:127.0.0.1:8080)",
+            key.len()
+        ));
+    }
     let kind = sys::classify(fd.as_fd()).map_err(|e| format!("cannot inspect the descriptor: {e}"))?;
     if !handle_type.accepts(kind) {
         return Err(format!("the descriptor is {kind:?}, which a {handle_type} cannot be"));

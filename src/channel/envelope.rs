@@ -31,6 +31,22 @@ pub(crate) fn encode_handle(msg_json: &[u8], wire: &WireHandle) -> Vec<u8> {
     out
 }
 
+/// Appends `{"cmd":"NODE_SOCKET_COUNT","key":KEY,"count":N}\n`, in Node's key order.
+pub(crate) fn encode_count(out: &mut Vec<u8>, key: &str, count: usize) {
+    out.extend_from_slice(b"{\"cmd\":\"NODE_SOCKET_COUNT\",\"key\":");
+    serde_json::to_writer(&mut *out, key).expect("a string always serializes");
+    out.extend_from_slice(b",\"count\":");
+    out.extend_from_slice(count.to_string().as_bytes());
+    out.extend_from_slice(b"}\n");
+}
+
+/// Appends `{"cmd":"NODE_SOCKET_ALL_CLOSED","key":KEY}\n`.
+pub(crate) fn encode_all_closed(out: &mut Vec<u8>, key: &str) {
+    out.extend_from_slice(b"{\"cmd\":\"NODE_SOCKET_ALL_CLOSED\",\"key\":");
+    serde_json::to_writer(&mut *out, key).expect("a string always serializes");
+    out.extend_from_slice(b"}\n");
+}
+
 /// The internal `cmd` of a serialized outgoing message, if it has one.
 ///
 /// Fast path: compact `serde_json` output can only contain `"cmd":"NODE_` as an object key and
@@ -73,10 +89,44 @@ pub(crate) struct HandleEnvelope {
     pub(crate) unwrapped: usize,
 }
 
+/// Most retransmission wrappers removed from one envelope. Node wraps a handle once per resend
+/// and gives up after 3 resends, so 8 is never reached by a real peer; the limit keeps the work
+/// per frame within a small multiple of its size.
+pub(crate) const MAX_UNWRAP: usize = 8;
+
+/// Why an envelope could not be read.
+#[derive(Debug)]
+pub(crate) enum EnvelopeError {
+    /// Not an object of the expected shape.
+    Shape(serde_json::Error),
+    /// Wrapped more than [`MAX_UNWRAP`] times.
+    TooDeep,
+}
+
+impl std::fmt::Display for EnvelopeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EnvelopeError::Shape(e) => write!(
+                f,
+                "the NODE_HANDLE envelope is not an object of the expected shape: {}",
+                crate::channel::excerpt(&e.to_string(), 200)
+            ),
+            EnvelopeError::TooDeep => write!(
+                f,
+                "the NODE_HANDLE envelope is nested more than {MAX_UNWRAP} levels deep (Node wraps a \
+                 resent handle once per attempt, at most 3 times)"
+            ),
+        }
+    }
+}
+
 /// Parses a `NODE_HANDLE` frame, removing Node's retransmission wrapping: a resent handle arrives
 /// as `{"cmd":"NODE_HANDLE","type":"net.Native","msg":<the original envelope>}`.
-pub(crate) fn parse_handle(text: &str) -> Result<HandleEnvelope, serde_json::Error> {
-    let mut raw: RawEnvelope<'_> = serde_json::from_str(text)?;
+///
+/// Each level costs a parse of what is inside it, and there are at most [`MAX_UNWRAP`] levels, so
+/// the work is linear in the frame's size.
+pub(crate) fn parse_handle(text: &str) -> Result<HandleEnvelope, EnvelopeError> {
+    let mut raw: RawEnvelope<'_> = serde_json::from_str(text).map_err(EnvelopeError::Shape)?;
     let mut unwrapped = 0;
     loop {
         let inner = raw.msg.map(RawValue::get).unwrap_or("null");
@@ -91,7 +141,10 @@ pub(crate) fn parse_handle(text: &str) -> Result<HandleEnvelope, serde_json::Err
                 unwrapped,
             });
         }
-        raw = serde_json::from_str(inner)?;
+        if unwrapped == MAX_UNWRAP {
+            return Err(EnvelopeError::TooDeep);
+        }
+        raw = serde_json::from_str(inner).map_err(EnvelopeError::Shape)?;
         unwrapped += 1;
     }
 }

@@ -456,7 +456,8 @@ pub(crate) fn parse_line(line: &[u8]) -> Result<(String, Option<String>), FrameE
                 }
             }
             Err(FrameError::Malformed {
-                error: first.to_string(),
+                // The parser's message can quote the peer's input: keep an excerpt.
+                error: super::excerpt(&first.to_string(), 200),
                 excerpt: text.chars().take(64).collect(),
                 len: line.len(),
             })

@@ -21,6 +21,7 @@
 mod driver;
 mod envelope;
 pub mod frame;
+mod observe;
 
 use std::future::Future;
 use std::io;
@@ -32,19 +33,44 @@ use std::task::{Context, Poll};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::sync::{broadcast, mpsc, oneshot, watch, Notify, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Notify, Semaphore};
 
 use crate::handle::{HandleError, IntoWire, ReceivedHandle};
 pub use frame::{FrameError, StrayReason};
+pub use observe::{InternalMessages, OBSERVER_BUFFER, OBSERVER_MESSAGES};
+
+/// What one queued frame costs beyond its bytes, charged against
+/// [`ChannelConfig::send_buffer`]: the queue entry, the command that carried it to the driver, and
+/// the allocation's own bookkeeping.
+pub const FRAME_OVERHEAD: usize =
+    std::mem::size_of::<Outgoing>() + std::mem::size_of::<Command>() + 32;
 
 /// Settings for a channel. Start from [`ChannelConfig::default`].
+///
+/// # What a peer can make a channel hold
+/// Every queue a peer can fill has a bound, and past it the channel stops reading (the peer's
+/// writes then wait in the kernel) instead of growing:
+///
+/// | what | bound (default) |
+/// |---|---|
+/// | a message being assembled | [`max_frame_len`](Self::max_frame_len) (64 MiB) |
+/// | received messages and errors not yet taken, charged what they hold | [`recv_buffer`](Self::recv_buffer) (16 MiB), plus one read (256 KiB) |
+/// | received handles not yet taken (one descriptor each) | [`recv_handles`](Self::recv_handles) (128), plus one read's descriptors (at most 253) |
+/// | protocol replies (ACK/NACK, socket counts) the peer has not read | [`reply_buffer`](Self::reply_buffer) (64 KiB), plus the replies to one read |
+/// | internal messages per [`internal_messages`](Sender::internal_messages) observer | [`OBSERVER_BUFFER`] (1 MiB) and [`OBSERVER_MESSAGES`] (256) |
+/// | sent messages the peer has not read, charged bytes + [`FRAME_OVERHEAD`] | [`send_buffer`](Self::send_buffer) (4 MiB), or one larger message |
+/// | sent handles not yet acknowledged (one descriptor each) | [`send_handles`](Self::send_handles) (128) |
 #[derive(Debug, Clone)]
 pub struct ChannelConfig {
     max_frame_len: usize,
     send_buffer: usize,
     recv_buffer: usize,
+    reply_buffer: usize,
+    send_handles: usize,
+    recv_handles: usize,
     handle_window: usize,
     max_retransmits: u8,
+    linger: std::time::Duration,
 }
 
 impl Default for ChannelConfig {
@@ -53,8 +79,12 @@ impl Default for ChannelConfig {
             max_frame_len: frame::DEFAULT_MAX_FRAME_LEN,
             send_buffer: 4 * 1024 * 1024,
             recv_buffer: 16 * 1024 * 1024,
+            reply_buffer: 64 * 1024,
+            send_handles: 128,
+            recv_handles: 128,
             handle_window: 1,
             max_retransmits: 3,
+            linger: std::time::Duration::from_secs(5),
         }
     }
 }
@@ -67,16 +97,47 @@ impl ChannelConfig {
         self
     }
     /// Bytes of queued, unwritten messages after which `send` waits (default 4 MiB): the
-    /// back-pressure a slow peer exerts.
+    /// back-pressure a slow peer exerts. Each frame counts its bytes plus [`FRAME_OVERHEAD`], so
+    /// a flood of tiny messages is bounded by its real memory. A single message larger than this
+    /// is still sent, alone.
     pub fn send_buffer(mut self, bytes: usize) -> Self {
         // Kept within what one frame's permit count (u32) can express.
         self.send_buffer = bytes.clamp(1, 1 << 30);
         self
     }
     /// Bytes of received messages not yet taken by the [`Receiver`] after which the channel stops
-    /// reading (default 16 MiB). Protocol replies keep flowing while under this figure.
+    /// reading (default 16 MiB). Protocol replies keep flowing while under this figure. Errors
+    /// count what they hold (the message of a refused handle, excerpts of bad input).
     pub fn recv_buffer(mut self, bytes: usize) -> Self {
         self.recv_buffer = bytes.max(1);
+        self
+    }
+    /// Bytes of protocol replies (`NODE_HANDLE_ACK`/`NACK`, `NODE_SOCKET_COUNT`,
+    /// `NODE_SOCKET_ALL_CLOSED`) the peer has not read yet after which the channel stops reading
+    /// (default 64 KiB, about 1,300 replies). A peer that asks and never reads the answers is
+    /// held there. Identical pending count replies are sent once.
+    pub fn reply_buffer(mut self, bytes: usize) -> Self {
+        self.reply_buffer = bytes.max(1);
+        self
+    }
+    /// Handles (one descriptor each) queued or awaiting acknowledgement after which
+    /// [`Sender::queue_handle`] waits (default 128; never fewer than
+    /// [`handle_window`](Self::handle_window)).
+    pub fn send_handles(mut self, handles: usize) -> Self {
+        self.send_handles = handles.clamp(1, Semaphore::MAX_PERMITS);
+        self
+    }
+    /// Received handles (one descriptor each) not yet taken by the [`Receiver`] after which the
+    /// channel stops reading (default 128): a peer cannot fill this process's descriptor table.
+    pub fn recv_handles(mut self, handles: usize) -> Self {
+        self.recv_handles = handles.max(1);
+        self
+    }
+    /// How long a channel whose runtime shuts down (`main` returned) keeps writing what is still
+    /// queued before the process goes on exiting (default 5 s). Node keeps the process alive until
+    /// pending writes finish; this is the same, bounded. `std::process::exit` skips it.
+    pub fn linger(mut self, time: std::time::Duration) -> Self {
+        self.linger = time;
         self
     }
     /// How many handles may await acknowledgement at once (default 1, Node's behaviour). Above 1,
@@ -135,10 +196,23 @@ impl Message {
 /// An internal (`NODE_`-prefixed) message seen on the channel, for observers.
 #[derive(Debug, Clone)]
 pub struct InternalMessage {
-    /// The message as received (for a `NODE_HANDLE`, the whole envelope).
-    pub value: serde_json::Value,
+    json: std::sync::Arc<str>,
+    had_fd: bool,
+}
+
+impl InternalMessage {
+    /// The message as received (for a `NODE_HANDLE`, the whole envelope), as JSON text.
+    pub fn json(&self) -> &str {
+        &self.json
+    }
+    /// The message parsed as a [`serde_json::Value`].
+    pub fn value(&self) -> Result<serde_json::Value, serde_json::Error> {
+        serde_json::from_str(&self.json)
+    }
     /// Whether a descriptor came with it.
-    pub had_fd: bool,
+    pub fn had_fd(&self) -> bool {
+        self.had_fd
+    }
 }
 
 /// Why a message could not be sent, or a handle not delivered.
@@ -171,7 +245,7 @@ pub enum SendError {
     )]
     NotDelivered {
         /// How many times it was written.
-        attempts: u8,
+        attempts: u16,
     },
     /// The channel closed before the peer acknowledged the handle. The descriptor is given back.
     #[error(
@@ -209,6 +283,15 @@ pub enum RecvError {
         /// The `type` field as sent.
         handle_type: String,
         /// Why it was refused.
+        reason: String,
+    },
+    /// An internal message handoff could not act on (a socket-list request with an over-long
+    /// key, or without one); it was ignored and not answered.
+    #[error("ignored an internal {cmd} message from the peer: {reason}")]
+    InternalRejected {
+        /// Its `cmd` (an excerpt).
+        cmd: String,
+        /// Why it was ignored.
         reason: String,
     },
     /// The peer acknowledged a handle we had not sent (nothing was in flight).
@@ -258,10 +341,14 @@ struct Shared {
     /// Bytes of queued outgoing frames (permits), for back-pressure.
     send_budget: Arc<Semaphore>,
     send_buffer: usize,
+    /// Handles queued or awaiting acknowledgement: one permit each (`send_handles`).
+    handle_budget: Arc<Semaphore>,
     /// Bytes of decoded messages waiting in the receiver's queue.
     recv_queued: AtomicUsize,
+    /// Handles (descriptors) waiting in the receiver's queue.
+    recv_handles_queued: AtomicUsize,
     recv_space: Notify,
-    internal: broadcast::Sender<InternalMessage>,
+    observers: observe::Observers,
     /// Socket-list requests awaiting the peer's reply.
     replies: crate::server::socket_list::Replies,
     /// `Sender`s held by the user (see `Sender::counted`).
@@ -369,9 +456,11 @@ impl Channel {
             closed,
             send_budget: Arc::new(Semaphore::new(config.send_buffer)),
             send_buffer: config.send_buffer,
+            handle_budget: Arc::new(Semaphore::new(config.send_handles.max(config.handle_window))),
             recv_queued: AtomicUsize::new(0),
+            recv_handles_queued: AtomicUsize::new(0),
             recv_space: Notify::new(),
-            internal: broadcast::channel(256).0,
+            observers: Default::default(),
             replies: Default::default(),
             user_senders: AtomicUsize::new(1),
             peer: std::sync::OnceLock::new(),
@@ -512,13 +601,27 @@ impl Sender {
             return Err(SendError::Reserved { cmd });
         }
         let mut wire = handle.into_wire_handle()?;
+        // One descriptor slot per handle until it is resolved: a peer that stops answering
+        // makes this wait instead of pinning a descriptor per call.
+        let slot = match self.shared.handle_budget.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(tokio::sync::TryAcquireError::NoPermits) => {
+                match self.shared.handle_budget.clone().acquire_owned().await {
+                    Ok(slot) => slot,
+                    Err(_) => return Err(SendError::Disconnected { handle: Some(wire.fd), written: false }),
+                }
+            }
+            Err(tokio::sync::TryAcquireError::Closed) => {
+                return Err(SendError::Disconnected { handle: Some(wire.fd), written: false })
+            }
+        };
         if let Some(server) = wire.server.take() {
             // First keyed socket on this channel: the server will ask it for counts.
             server.add_channel(self);
         }
         let bytes = envelope::encode_handle(&msg, &wire);
         let (done, delivery) = oneshot::channel();
-        let pending = driver::PendingHandle::new(wire.fd, done);
+        let pending = driver::PendingHandle::new(wire.fd, done, slot);
         self.enqueue(bytes, Some(pending), None).await?;
         Ok(Delivery(delivery))
     }
@@ -557,10 +660,10 @@ impl Sender {
     }
 
     /// Subscribes to the internal messages this channel receives from now on (read-only: they are
-    /// still handled by handoff). A subscriber that falls more than 256 messages behind loses the
-    /// oldest.
-    pub fn internal_messages(&self) -> broadcast::Receiver<InternalMessage> {
-        self.shared.internal.subscribe()
+    /// still handled by handoff). An observer holds at most [`OBSERVER_BUFFER`] bytes and
+    /// [`OBSERVER_MESSAGES`] messages unread; past that it loses the oldest and is told how many.
+    pub fn internal_messages(&self) -> InternalMessages {
+        self.shared.observers.subscribe(self.is_closed())
     }
 
     /// Who is at the other end of the channel, as error messages name it.
@@ -614,7 +717,7 @@ impl Sender {
         if !self.is_connected() {
             return Err(handle.map_or(SendError::Closed, |h| h.closed_unwritten()));
         }
-        let permits = bytes.len().clamp(1, self.shared.send_buffer) as u32;
+        let permits = (bytes.capacity() + FRAME_OVERHEAD).min(self.shared.send_buffer) as u32;
         // Fast path without an await point; the permits travel with the frame as a count (no
         // Arc clone per message) and the driver adds them back once the frame is written.
         let acquired = match self.shared.send_budget.try_acquire_many(permits) {
@@ -645,6 +748,9 @@ impl Receiver {
     pub async fn recv(&mut self) -> Option<Result<Message, RecvError>> {
         let item = self.messages.recv().await?;
         self.shared.recv_queued.fetch_sub(queued_cost(&item), Ordering::SeqCst);
+        if carries_handle(&item) {
+            self.shared.recv_handles_queued.fetch_sub(1, Ordering::SeqCst);
+        }
         self.shared.recv_space.notify_one();
         Some(item)
     }
@@ -664,11 +770,54 @@ impl Receiver {
     }
 }
 
-/// What a queued item counts against [`ChannelConfig::recv_buffer`]: its text plus a fixed
-/// overhead, so that a flood of tiny messages or of errors is bounded too.
+/// What a queued item counts against [`ChannelConfig::recv_buffer`]: the bytes it holds plus a
+/// fixed overhead, so that a flood of tiny messages or of errors is bounded too.
 fn queued_cost(item: &Result<Message, RecvError>) -> usize {
-    match item {
-        Ok(message) => message.json.len() + 64,
-        Err(_) => 128,
+    const ITEM_OVERHEAD: usize = std::mem::size_of::<Result<Message, RecvError>>() + 32;
+    ITEM_OVERHEAD
+        + match item {
+            Ok(message) => message.held_bytes(),
+            Err(error) => error.held_bytes(),
+        }
+}
+
+/// Whether a queued item holds a descriptor (counted against [`ChannelConfig::recv_handles`]).
+fn carries_handle(item: &Result<Message, RecvError>) -> bool {
+    matches!(item, Ok(Message { handle: Some(_), .. }))
+}
+
+impl Message {
+    fn held_bytes(&self) -> usize {
+        self.json.len() + self.handle.as_ref().and_then(|h| h.key.as_ref()).map_or(0, String::len)
     }
+}
+
+impl RecvError {
+    /// Heap bytes this error keeps (strings that came from the peer, or were built from it).
+    fn held_bytes(&self) -> usize {
+        match self {
+            RecvError::Frame(FrameError::Malformed { error, excerpt, .. }) => error.len() + excerpt.len(),
+            RecvError::Frame(_) | RecvError::UnexpectedAck { .. } | RecvError::ControlTruncated => 0,
+            RecvError::HandleWithoutFd { handle_type } => handle_type.len(),
+            RecvError::HandleRejected { message, handle_type, reason } => {
+                message.len() + handle_type.len() + reason.len()
+            }
+            RecvError::InternalRejected { cmd, reason } => cmd.len() + reason.len(),
+            RecvError::Io(_) => 64,
+            RecvError::Deserialize { message, .. } => message.held_bytes(),
+        }
+    }
+}
+
+/// At most `max` bytes of `text` (cut at a character boundary), with `…` when cut: what an error
+/// keeps of a string the peer chose.
+pub(crate) fn excerpt(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
 }

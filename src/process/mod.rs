@@ -23,6 +23,20 @@ use crate::sys;
 pub const CHANNEL_FD_ENV: &str = "NODE_CHANNEL_FD";
 /// The environment variable naming the serialization (`json` or `advanced`).
 pub const SERIALIZATION_ENV: &str = "NODE_CHANNEL_SERIALIZATION_MODE";
+/// The environment variable by which Node's cluster primary tells a worker its id. A process
+/// that inherits it believes it is a cluster worker, so it is never passed on: [`Command`] removes
+/// it from a child's environment (set it explicitly to start a worker), and [`parent_channel`]
+/// removes it from this process's, as a Node worker does once it has read it.
+pub const WORKER_ID_ENV: &str = "NODE_UNIQUE_ID";
+
+/// The `NODE_UNIQUE_ID` this process was started with, taken by [`parent_channel`].
+static WORKER_ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// The cluster worker id (`NODE_UNIQUE_ID`) this process was started with, once
+/// [`parent_channel`] has taken it from the environment.
+pub fn worker_id() -> Option<&'static str> {
+    WORKER_ID.get().map(String::as_str)
+}
 
 /// A builder for a child process with an IPC channel, in the manner of
 /// [`tokio::process::Command`] (and of Node's `child_process.fork`).
@@ -49,8 +63,10 @@ pub struct Command {
 
 impl Command {
     /// A command running `program`, with the channel at descriptor 3 and stdio inherited.
+    /// `NODE_UNIQUE_ID` is not inherited (see [`WORKER_ID_ENV`]).
     pub fn new(program: impl AsRef<OsStr>) -> Command {
         let mut inner = tokio::process::Command::new(program);
+        inner.env_remove(WORKER_ID_ENV);
         let slot = sys::ExecChannelSlot::register(&mut inner);
         Command { inner, slot, channel_fd: 3, config: ChannelConfig::default() }
     }
@@ -133,6 +149,9 @@ impl Command {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "channel_fd must not be negative"));
         }
         let (ours, theirs) = sys::stream_socketpair()?;
+        // In a process started with 0-2 closed the pair lands there, where std's stdio set-up in
+        // the child would overwrite the channel end before it is moved into place.
+        let (ours, theirs) = (sys::above_stdio(ours)?, sys::above_stdio(theirs)?);
         // The child end is put in place by dup2, which clears O_NONBLOCK nowhere: a Node child
         // expects a blocking descriptor and sets its own flags (protocol doc §1.3).
         sys::set_nonblocking(theirs.as_fd(), false)?;
@@ -239,7 +258,8 @@ impl Child {
 /// `spawn(..., {stdio: [..., 'ipc']})`.
 ///
 /// Removes `NODE_CHANNEL_FD` and `NODE_CHANNEL_SERIALIZATION_MODE` from the environment, so
-/// children this process starts do not attach to its channel. Call it early, before other threads
+/// children this process starts do not attach to its channel, and `NODE_UNIQUE_ID` (kept for
+/// [`worker_id`]), so they do not believe they are cluster workers. Call it early, before other threads
 /// read the environment. Works once per process; a second call returns an error.
 ///
 /// Errors: the variable is not a number, the descriptor is not an open `AF_UNIX` stream socket,
@@ -261,6 +281,10 @@ pub fn parent_channel_with_config(config: ChannelConfig) -> io::Result<Option<Ch
     let mode = std::env::var_os(SERIALIZATION_ENV);
     sys::remove_env(CHANNEL_FD_ENV);
     sys::remove_env(SERIALIZATION_ENV);
+    if let Some(id) = std::env::var_os(WORKER_ID_ENV) {
+        let _ = WORKER_ID.set(id.to_string_lossy().into_owned());
+        sys::remove_env(WORKER_ID_ENV);
+    }
     let fd: RawFd = fd_text.to_str().and_then(|t| t.trim().parse().ok()).ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::InvalidInput,

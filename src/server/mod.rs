@@ -47,7 +47,10 @@
 //! # Ok(()) }
 //! ```
 
+mod accept;
 pub(crate) mod socket_list;
+
+pub use accept::AcceptRetry;
 
 use std::io;
 use std::net::SocketAddr;
@@ -65,6 +68,12 @@ use tokio::sync::watch;
 use crate::handle::{ConvertError, Handle, HandleError, HandleType, ReceivedHandle, Shareable, WireHandle};
 use crate::Sender;
 use socket_list::ReplyKind;
+
+/// Longest server connection key accepted from a peer, in bytes. Node's keys are short
+/// (`4:127.0.0.1:8080`, `-1:/path/of/socket:-1` with a path of at most 108 bytes); a longer one is
+/// refused ([`RecvError::HandleRejected`](crate::RecvError::HandleRejected)), so a peer cannot make
+/// a receiver keep megabytes per socket.
+pub const MAX_KEY_LEN: usize = 1024;
 
 /// Node's connection key for a server listening on `addr`: `<4|6>:<address>:<port>`.
 ///
@@ -218,7 +227,8 @@ impl Server {
     }
 
     /// Accepts the next connection. After [`close`](Server::close) it fails with
-    /// `ErrorKind::NotConnected`.
+    /// `ErrorKind::NotConnected`. While the process is out of descriptors it waits (the
+    /// connections queue in the listen backlog) instead of failing: see [`AcceptRetry`].
     ///
     /// # Cancel safety
     /// Cancel safe: no connection is lost if the future is dropped.
@@ -302,11 +312,22 @@ fn not_running() -> io::Error {
     io::Error::new(io::ErrorKind::NotConnected, "the server is closed")
 }
 
+/// Accepts one connection, waiting out descriptor exhaustion ([`AcceptRetry`]).
 async fn accept(listener: &Listener) -> io::Result<Stream> {
-    Ok(match listener {
-        Listener::Tcp(l) => Stream::Tcp(l.accept().await?.0),
-        Listener::Unix(l) => Stream::Unix(l.accept().await?.0),
-    })
+    let mut retry = AcceptRetry::new();
+    loop {
+        let accepted = match listener {
+            Listener::Tcp(l) => l.accept().await.map(|(s, _)| Stream::Tcp(s)),
+            Listener::Unix(l) => l.accept().await.map(|(s, _)| Stream::Unix(s)),
+        };
+        match accepted {
+            Ok(stream) => {
+                retry.accepted();
+                return Ok(stream);
+            }
+            Err(error) => retry.wait(error).await?,
+        }
+    }
 }
 
 /// A connection's socket: TCP or Unix.

@@ -5,59 +5,114 @@
 //!   `NODE_SOCKET_NOTIFY_CLOSE`. It lives in the channel's driver task.
 //! - [`Replies`] (the waiting half of Node's `SocketListSend`): on the side that *sent* them,
 //!   the requests awaiting `NODE_SOCKET_COUNT` / `NODE_SOCKET_ALL_CLOSED`, matched by command and
-//!   key, oldest first.
+//!   key.
 //!
 //! # How a received socket is known to be closed
 //! The user converts a received handle into whatever type they like (a tokio stream, a std
-//! stream, an fd handed to another library), so there is no wrapper whose drop could be
-//! observed. Instead each socket is remembered by its inode, and "open" means that some
-//! descriptor of this process still refers to that inode (`/proc/self/fd`). That is exactly the
-//! condition under which the connection is still held here: a socket sent on to another
-//! process, or closed, stops counting; one duplicated stays counted until every copy is closed.
-//! Entries are pruned on every count, and at least whenever the list doubles, so the lists never
-//! grow with the number of sockets ever received.
+//! stream, an `OwnedFd` handed to another library), so there is no wrapper whose drop could be
+//! observed. Every conversion keeps the descriptor *number*, though, so each socket is remembered
+//! by the number it arrived on and the identity (device, inode) of the socket behind it: it is
+//! open while that number still refers to that socket. One `fstat` per socket checks it, with no
+//! descriptor needed, so a full descriptor table cannot make a socket look closed; a check that
+//! fails for any reason other than "no such descriptor" counts the socket as open. A socket sent
+//! on to another process, or closed, stops counting; one moved to another number (`dup` then
+//! close of the original) stops counting too, which is the one case this rule gets wrong.
+//!
+//! # What a request costs
+//! A count checks only the sockets filed under its key, never the descriptor table. Checks are
+//! also rationed: they may use at most 1/[`VERIFY_SHARE`] of the time that passes (a token
+//! bucket), so a peer flooding requests for a key with thousands of sockets gets answers from the
+//! last check — possibly counting a socket closed since, never forgetting an open one — instead
+//! of burning a core.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use crate::sys;
+use crate::sys::{FdIdentity, Liveness};
+
+/// Checks may use at most 1/`VERIFY_SHARE` of elapsed time.
+const VERIFY_SHARE: u32 = 20;
+/// Most check time saved up while idle.
+const VERIFY_BURST: Duration = Duration::from_millis(50);
 
 /// Received keyed sockets, per server key.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct ReceiveLists {
-    /// Inodes of the sockets received under each key (possibly already closed).
-    sockets: HashMap<String, Vec<u64>>,
+    /// The sockets received under each key (possibly closed since the last check).
+    sockets: HashMap<Box<str>, Vec<FdIdentity>>,
     /// Keys whose sender asked to be told when they reach zero.
-    close_requested: HashSet<String>,
-    /// Entries at the last prune; the next prune happens when the total doubles.
+    close_requested: HashSet<Box<str>>,
+    /// Entries after the last full check; the next one happens when the total doubles.
     entries_at_prune: usize,
+    entries: usize,
+    /// Check time available (token bucket), and when it was last topped up.
+    budget: Duration,
+    budget_at: Instant,
+}
+
+impl Default for ReceiveLists {
+    fn default() -> Self {
+        ReceiveLists {
+            sockets: HashMap::new(),
+            close_requested: HashSet::new(),
+            entries_at_prune: 0,
+            entries: 0,
+            budget: VERIFY_BURST,
+            budget_at: Instant::now(),
+        }
+    }
 }
 
 impl ReceiveLists {
     /// Records a socket received under `key`.
-    pub(crate) fn add(&mut self, key: &str, inode: u64) {
-        self.sockets.entry(key.to_owned()).or_default().push(inode);
-        let entries: usize = self.sockets.values().map(Vec::len).sum();
-        if entries >= 2 * self.entries_at_prune.max(32) {
-            self.prune();
+    pub(crate) fn add(&mut self, key: &str, socket: FdIdentity) {
+        match self.sockets.get_mut(key) {
+            Some(list) => list.push(socket),
+            None => {
+                self.sockets.insert(key.into(), vec![socket]);
+            }
+        }
+        self.entries += 1;
+        // Amortised O(1) per socket received, whatever the budget: memory must not grow with
+        // the number of sockets ever received.
+        if self.entries >= 2 * self.entries_at_prune.max(32) {
+            let keys: Vec<Box<str>> = self.sockets.keys().cloned().collect();
+            for key in keys {
+                self.verify(&key);
+            }
+            self.sockets.retain(|key, list| !list.is_empty() || self.close_requested.contains(key));
+            self.entries_at_prune = self.entries;
         }
     }
 
-    /// Forgets closed sockets (one scan of `/proc/self/fd`) and empty keys.
-    fn prune(&mut self) {
-        let open = sys::open_socket_inodes();
-        for inodes in self.sockets.values_mut() {
-            inodes.retain(|inode| open.contains(inode));
+    /// Drops the sockets of `key` that are known closed; returns the time it took.
+    fn verify(&mut self, key: &str) -> Duration {
+        let Some(list) = self.sockets.get_mut(key) else { return Duration::ZERO };
+        let started = Instant::now();
+        let before = list.len();
+        list.retain(|socket| socket.liveness() != Liveness::Gone);
+        self.entries -= before - list.len();
+        started.elapsed()
+    }
+
+    /// Checks `key`'s sockets if the budget allows; otherwise the last check stands.
+    fn verify_rationed(&mut self, key: &str) {
+        let now = Instant::now();
+        self.budget = (self.budget + (now - self.budget_at) / VERIFY_SHARE).min(VERIFY_BURST);
+        self.budget_at = now;
+        if self.budget.is_zero() {
+            return;
         }
-        self.sockets.retain(|key, inodes| !inodes.is_empty() || self.close_requested.contains(key));
-        self.entries_at_prune = self.sockets.values().map(Vec::len).sum();
+        let spent = self.verify(key);
+        self.budget = self.budget.saturating_sub(spent);
     }
 
     /// How many sockets received under `key` are still open in this process.
     pub(crate) fn count(&mut self, key: &str) -> usize {
-        self.prune();
+        self.verify_rationed(key);
         self.sockets.get(key).map_or(0, Vec::len)
     }
 
@@ -67,7 +122,9 @@ impl ReceiveLists {
         if self.count(key) == 0 {
             return true;
         }
-        self.close_requested.insert(key.to_owned());
+        if !self.close_requested.contains(key) {
+            self.close_requested.insert(key.into());
+        }
         false
     }
 
@@ -77,17 +134,15 @@ impl ReceiveLists {
     }
 
     /// Keys with a close request whose sockets are now all closed; they are answered once.
-    pub(crate) fn now_closed(&mut self) -> Vec<String> {
-        self.prune();
-        let done: Vec<String> = self
-            .close_requested
-            .iter()
-            .filter(|key| self.sockets.get(*key).is_none_or(Vec::is_empty))
-            .cloned()
-            .collect();
-        for key in &done {
-            self.close_requested.remove(key);
-            self.sockets.remove(key);
+    pub(crate) fn now_closed(&mut self) -> Vec<Box<str>> {
+        let requested: Vec<Box<str>> = self.close_requested.iter().cloned().collect();
+        let mut done = Vec::new();
+        for key in requested {
+            if self.count(&key) == 0 {
+                self.close_requested.remove(&key);
+                self.sockets.remove(&key);
+                done.push(key);
+            }
         }
         done
     }
@@ -127,19 +182,15 @@ impl Replies {
         Some(rx)
     }
 
-    /// A reply arrived: resolves the oldest request waiting for it (others keep waiting for
-    /// their own). A reply nobody waits for is ignored.
+    /// A reply arrived: it answers every request waiting for it, as in Node (each pending
+    /// request there listens for the next matching reply). This is also what lets the peer send
+    /// one reply for identical requests still pending on its side. A reply nobody waits for is
+    /// ignored.
     pub(crate) fn resolve(&self, kind: ReplyKind, key: &str, value: usize) {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let slot = (kind, key.to_owned());
-        if let Some(queue) = state.waiting.get_mut(&slot) {
-            while let Some(waiter) = queue.pop_front() {
-                if waiter.send(value).is_ok() {
-                    break; // one reply answers one request; skip requests whose caller gave up
-                }
-            }
-            if queue.is_empty() {
-                state.waiting.remove(&slot);
+        if let Some(waiters) = state.waiting.remove(&(kind, key.to_owned())) {
+            for waiter in waiters {
+                let _ = waiter.send(value);
             }
         }
     }

@@ -196,25 +196,97 @@ pub(crate) fn set_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
     Ok(rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::CLOEXEC)?)
 }
 
-/// The inode of the object behind `fd` (unique among live sockets).
-pub(crate) fn inode(fd: BorrowedFd<'_>) -> io::Result<u64> {
-    Ok(rustix::fs::fstat(fd)?.st_ino)
+/// A descriptor number and the identity (device, inode) of the file it referred to when
+/// recorded: enough to tell later, without owning the descriptor, whether that number still
+/// refers to the same file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FdIdentity {
+    fd: RawFd,
+    dev: u64,
+    ino: u64,
 }
 
-/// The inodes of every socket this process has a descriptor for, read from `/proc/self/fd`
-/// (each entry links to `socket:[INODE]`).
-pub(crate) fn open_socket_inodes() -> std::collections::HashSet<u64> {
-    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
-        return std::collections::HashSet::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|entry| {
-            let target = std::fs::read_link(entry.path()).ok()?;
-            let target = target.to_str()?;
-            target.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
-        })
-        .collect()
+/// What [`FdIdentity::liveness`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Liveness {
+    /// The number still refers to the same file.
+    Open,
+    /// The number is closed, or refers to another file now.
+    Gone,
+    /// The check itself failed (not for want of the descriptor): treat as open.
+    Unknown,
+}
+
+impl FdIdentity {
+    /// Records what `fd` refers to now.
+    pub(crate) fn of(fd: BorrowedFd<'_>) -> io::Result<FdIdentity> {
+        use std::os::fd::AsRawFd;
+        let stat = rustix::fs::fstat(fd)?;
+        Ok(FdIdentity { fd: fd.as_raw_fd(), dev: stat.st_dev as u64, ino: stat.st_ino as u64 })
+    }
+
+    /// Whether the recorded number still refers to the recorded file: one `fstat`, which needs
+    /// no free descriptor (so it works with the descriptor table full).
+    pub(crate) fn liveness(&self) -> Liveness {
+        let mut stat = MaybeUninit::<libc::stat>::uninit();
+        // SAFETY: fstat only reads the metadata of whatever the number refers to and writes it
+        // into our buffer; it neither closes nor uses the descriptor for I/O, so calling it on a
+        // number we do not own (possibly closed, possibly reused) is harmless. The buffer is
+        // read only when the call succeeded, which means the kernel filled it.
+        let result = unsafe { libc::fstat(self.fd, stat.as_mut_ptr()) };
+        if result != 0 {
+            return match io::Error::last_os_error().raw_os_error() {
+                Some(libc::EBADF) => Liveness::Gone,
+                _ => Liveness::Unknown,
+            };
+        }
+        // SAFETY: fstat returned 0, so it initialised `stat`.
+        let stat = unsafe { stat.assume_init() };
+        // The field types differ between architectures (u64 on x86_64).
+        #[allow(clippy::unnecessary_cast)]
+        if stat.st_dev as u64 == self.dev && stat.st_ino as u64 == self.ino {
+            Liveness::Open
+        } else {
+            Liveness::Gone
+        }
+    }
+}
+
+/// Waits until `socket` is readable (if `read`) or writable (if `write`), or hung up, for at
+/// most `timeout`. For the synchronous paths that run without an event loop.
+pub(crate) fn wait_socket(
+    socket: BorrowedFd<'_>,
+    read: bool,
+    write: bool,
+    timeout: std::time::Duration,
+) -> io::Result<()> {
+    use rustix::event::{PollFd, PollFlags};
+    let mut flags = PollFlags::empty();
+    if read {
+        flags |= PollFlags::IN;
+    }
+    if write {
+        flags |= PollFlags::OUT;
+    }
+    let mut fds = [PollFd::new(&socket, flags)];
+    let timeout = rustix::event::Timespec::try_from(timeout).unwrap_or(rustix::event::Timespec {
+        tv_sec: i64::MAX,
+        tv_nsec: 0,
+    });
+    match rustix::event::poll(&mut fds, Some(&timeout)) {
+        Ok(_) | Err(rustix::io::Errno::INTR) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Moves `fd` above the standard I/O numbers if it sits on one (a parent started with 0–2
+/// closed hands those numbers out first), keeping it close-on-exec.
+pub(crate) fn above_stdio(fd: OwnedFd) -> io::Result<OwnedFd> {
+    use std::os::fd::AsRawFd;
+    if fd.as_raw_fd() > 2 {
+        return Ok(fd);
+    }
+    Ok(rustix::io::fcntl_dupfd_cloexec(&fd, 3)?)
 }
 
 /// Returns whether `raw` is an open descriptor of an `AF_UNIX` stream socket.
@@ -310,16 +382,32 @@ pub(crate) fn adopt_inherited_fd(raw: RawFd) -> io::Result<OwnedFd> {
     if raw < 0 {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "negative file descriptor"));
     }
-    // SAFETY: fcntl(F_GETFD) only reads the descriptor table; it fails with EBADF for a number
+    // SAFETY: fcntl(F_GETFD) only reads the descriptor's flags; it fails with EBADF for a number
     // that is not open, in which case we never make a BorrowedFd of it.
-    if unsafe { libc::fcntl(raw, libc::F_GETFD) } < 0 {
+    let flags = unsafe { libc::fcntl(raw, libc::F_GETFD) };
+    if flags < 0 {
         return Err(io::Error::new(
             io::ErrorKind::NotFound,
             format!("file descriptor {raw} is not open: {}", io::Error::last_os_error()),
         ));
     }
-    // SAFETY: `raw` is open (checked just above) and stays open while the borrow lives, because
-    // nothing else in this process closes the descriptor the parent set aside for the channel.
+    // A descriptor inherited across exec has no FD_CLOEXEC (exec would have closed it), while
+    // every descriptor this process opened through std, tokio or rustix has it: one with the flag
+    // belongs to someone in this process (tokio's signal socket, a file), and taking ownership
+    // of it would close it twice.
+    if flags & libc::FD_CLOEXEC != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "file descriptor {raw} is close-on-exec, so this process opened it itself: it was \
+                 not inherited from a parent and cannot be the IPC channel (is NODE_CHANNEL_FD \
+                 stale or set by hand?)"
+            ),
+        ));
+    }
+    // SAFETY: `raw` is open (checked just above). It was not opened by this process's Rust code
+    // (no FD_CLOEXEC, see above), so it is the descriptor the parent left for the channel and no
+    // Rust owner here can close it while this borrow lives.
     let borrowed = unsafe { BorrowedFd::borrow_raw(raw) };
     if !is_unix_stream_socket(borrowed) {
         return Err(io::Error::new(
@@ -351,10 +439,11 @@ pub(crate) fn adopt_inherited_fd(raw: RawFd) -> io::Result<OwnedFd> {
         set_nonblocking(channel.as_fd(), true)?;
         return Ok(channel);
     }
-    // SAFETY: `raw` is open (checked above), above the standard I/O numbers, and is the
-    // descriptor the parent set aside for the IPC channel (`NODE_CHANNEL_FD`); nothing else in the
-    // process owns it by that convention, and the ADOPTED flag makes sure we create at most one
-    // owner.
+    // SAFETY: `raw` is open, above the standard I/O numbers, and was inherited across exec (no
+    // FD_CLOEXEC, checked above), so no std, tokio or rustix owner in this process holds it; it is
+    // the descriptor the parent set aside for the IPC channel (`NODE_CHANNEL_FD`). The ADOPTED
+    // flag makes this the only owner we create. (C code in the process that opened a descriptor
+    // without O_CLOEXEC and then pointed NODE_CHANNEL_FD at it is the one case not excluded.)
     let owned = unsafe { OwnedFd::from_raw_fd(raw) };
     set_cloexec(owned.as_fd())?;
     set_nonblocking(owned.as_fd(), true)?;

@@ -130,7 +130,10 @@ pub fn example(name: &str) -> PathBuf {
     );
     let built = std::fs::metadata(&path).and_then(|m| m.modified()).expect("mtime");
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let newest_source = newest_mtime(&root.join("src")).max(newest_mtime(&root.join("examples")));
+    let own_source = std::fs::metadata(root.join("examples").join(format!("{name}.rs")))
+        .and_then(|m| m.modified())
+        .ok();
+    let newest_source = newest_mtime(&root.join("src")).max(own_source);
     assert!(
         newest_source.is_none_or(|newest| newest <= built),
         "example {name} is older than the sources; run `cargo build --examples` (or `cargo test \
