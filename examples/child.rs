@@ -27,11 +27,11 @@ async fn main() -> anyhow::Result<()> {
         };
         let is_socket = message.deserialize::<String>().is_ok_and(|m| m == "socket");
         let Some(handle) = message.take_handle().filter(|_| is_socket) else { continue };
-        match handle.into::<tokio::net::TcpStream>() {
+        match tokio::net::TcpStream::try_from(handle) {
             Ok(socket) => {
                 answering.spawn(answer(socket));
             }
-            Err(not_tcp) => match not_tcp.into_handle().map(|h| h.into::<tokio::net::UnixStream>()) {
+            Err(not_tcp) => match not_tcp.into_handle().map(<tokio::net::UnixStream>::try_from) {
                 Some(Ok(socket)) => {
                     answering.spawn(answer(socket));
                 }

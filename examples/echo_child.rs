@@ -24,13 +24,13 @@ async fn main() -> anyhow::Result<()> {
         };
         let Some(handle) = handle else { continue };
         match handle.kind() {
-            handoff::handle::FdKind::UnixStream => match handle.into::<tokio::net::UnixStream>() {
+            handoff::handle::FdKind::UnixStream => match tokio::net::UnixStream::try_from(handle) {
                 Ok(socket) => {
                     sessions.spawn(echo(socket));
                 }
                 Err(e) => eprintln!("echo_child: {e}"),
             },
-            _ => match handle.into::<tokio::net::TcpStream>() {
+            _ => match tokio::net::TcpStream::try_from(handle) {
                 Ok(socket) => {
                     sessions.spawn(echo(socket));
                 }

@@ -21,7 +21,7 @@ use tokio::signal::unix::{signal, SignalKind};
 async fn main() -> anyhow::Result<()> {
     let (port, child_command) = parse_args(std::env::args_os().skip(1))?;
     let mut terminate = signal(SignalKind::terminate())?;
-    let server = Arc::new(Server::bind(([127, 0, 0, 1], port).into()).await?);
+    let server = Arc::new(Server::bind(("127.0.0.1", port)).await?);
     let mut command = match child_command.split_first() {
         Some((program, args)) => {
             let mut command = handoff::Command::new(program);

@@ -84,6 +84,37 @@ async fn main() -> anyhow::Result<()> {
                 }
                 sender.send(&json!({"op": "values-done", "count": values.len()})).await?;
             }
+            "reserialize" => {
+                // Parsed into numbers and written anew: every double must survive exactly.
+                let values: Vec<f64> = serde_json::from_value(value["values"].clone())?;
+                sender.send(&json!({"op": "reserialized", "values": values})).await?;
+            }
+            "doubles" => {
+                // Doubles made in Rust from bit patterns: edge cases, then pseudo-random ones.
+                let mut bits: Vec<u64> = vec![
+                    0x0000_0000_0000_0001, // 5e-324, the smallest subnormal
+                    0x000F_FFFF_FFFF_FFFF, // the largest subnormal
+                    0x0010_0000_0000_0000, // the smallest normal
+                    0x7FEF_FFFF_FFFF_FFFF, // the largest finite
+                    0x8000_0000_0000_0000, // -0
+                    0x4340_0000_0000_0000, // 2^53
+                    0x4340_0000_0000_0001, // 2^53 + 2
+                    0x4445_0000_0000_0000, // 2^69 + 2^68, a 1e21-ish integer
+                    0x3FB9_9999_9999_999A, // 0.1
+                ];
+                let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+                while bits.len() < 2000 {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    if f64::from_bits(state).is_finite() {
+                        bits.push(state);
+                    }
+                }
+                let values: Vec<f64> = bits.iter().map(|b| f64::from_bits(*b)).collect();
+                let bits: Vec<String> = bits.iter().map(|b| format!("{b:016x}")).collect();
+                sender.send(&json!({"op": "doubles", "values": values, "bits": bits})).await?;
+            }
             "big" => {
                 let reps = value["reps"].as_u64().unwrap_or(0) as usize;
                 sender.send(&json!({"op": "big", "value": BIG_UNIT.repeat(reps)})).await?;
@@ -181,25 +212,25 @@ async fn main() -> anyhow::Result<()> {
 fn take(handle: ReceivedHandle) -> anyhow::Result<Option<JoinHandle<()>>> {
     Ok(match handle.kind() {
         FdKind::TcpStream => {
-            let stream: tokio::net::TcpStream = handle.into()?;
+            let stream: tokio::net::TcpStream = handle.try_into()?;
             tokio::spawn(serve_stream(stream));
             None
         }
         FdKind::UnixStream => {
-            let stream: tokio::net::UnixStream = handle.into()?;
+            let stream: tokio::net::UnixStream = handle.try_into()?;
             tokio::spawn(serve_stream(stream));
             None
         }
         FdKind::TcpListener => {
-            let listener: tokio::net::TcpListener = handle.into()?;
+            let listener: tokio::net::TcpListener = handle.try_into()?;
             Some(tokio::spawn(serve_listener(Listener::Tcp(listener))))
         }
         FdKind::UnixListener => {
-            let listener: tokio::net::UnixListener = handle.into()?;
+            let listener: tokio::net::UnixListener = handle.try_into()?;
             Some(tokio::spawn(serve_listener(Listener::Unix(listener))))
         }
         FdKind::Udp4 | FdKind::Udp6 => {
-            let socket: tokio::net::UdpSocket = handle.into()?;
+            let socket: tokio::net::UdpSocket = handle.try_into()?;
             Some(tokio::spawn(async move {
                 let mut buf = vec![0u8; 65536];
                 while let Ok((n, from)) = socket.recv_from(&mut buf).await {

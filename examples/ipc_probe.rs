@@ -19,6 +19,14 @@
 //!
 //! It exits 0 when the parent closes the channel, and 3 when it has no channel.
 //!
+//! With `IPC_PROBE_BURST=n` it sends `{"i": 0}` … `{"i": n-1}` as soon as it is attached and
+//! returns from `main` at once: its channel's task has never run by then.
+//!
+//! With `IPC_PROBE_HANDLE_FIRST=1` it first sends its parent a handle (one end of a socket pair,
+//! message `"mine"`) and waits for the acknowledgement before it receives anything; then it
+//! counts the handles it is sent until `{"done": true}`, answers `{"handles": n}`, and goes on as
+//! usual.
+//!
 //! With `IPC_PROBE_CLOSE_STDIO=1` it closes its descriptors 0-2 once attached, as a daemon does,
 //! so that the socket pair of the next child it spawns lands there.
 //!
@@ -39,6 +47,13 @@ async fn main() -> anyhow::Result<()> {
     if std::env::var_os("IPC_PROBE_CLOSE_STDIO").is_some() {
         close_stdio();
     }
+    if let (Some(burst), Ok(Some(parent))) = (std::env::var_os("IPC_PROBE_BURST"), &parent) {
+        let n: u64 = burst.to_string_lossy().parse()?;
+        for i in 0..n {
+            parent.send(&json!({ "i": i })).await?;
+        }
+        return Ok(());
+    }
     let mut parent = match parent {
         Ok(Some(channel)) => channel,
         Ok(None) => {
@@ -50,12 +65,25 @@ async fn main() -> anyhow::Result<()> {
             std::process::exit(4);
         }
     };
+    if std::env::var_os("IPC_PROBE_HANDLE_FIRST").is_some() {
+        let (mine, _theirs) = std::os::unix::net::UnixStream::pair()?;
+        parent.send_handle(&"mine", mine).await?;
+        let mut handles = 0;
+        while let Some(received) = parent.recv().await {
+            let received = received?;
+            handles += usize::from(received.handle().is_some());
+            if received.value()?.get("done").is_some() {
+                break;
+            }
+        }
+        parent.send(&json!({ "handles": handles })).await?;
+    }
     while let Some(received) = parent.recv().await {
         let mut received = received?;
         if let Some(handle) = received.take_handle() {
             // A connection handed over: answer on it with the server key it came under.
             let key = handle.key().unwrap_or("none").to_owned();
-            if let Ok(mut socket) = handle.into::<std::net::TcpStream>() {
+            if let Ok(mut socket) = std::net::TcpStream::try_from(handle) {
                 use std::io::Write;
                 socket.set_nonblocking(false)?;
                 socket.write_all(format!("key={key}").as_bytes())?;

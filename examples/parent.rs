@@ -14,12 +14,11 @@
 //! `send_handles` connections wait in the channel and the rest in the backlog.
 
 use std::ffi::OsString;
-use std::net::SocketAddr;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let (port, child_command) = parse_args(std::env::args_os().skip(1))?;
-    let server = handoff::server::Server::bind(SocketAddr::from(([127, 0, 0, 1], port))).await?;
+    let server = handoff::server::Server::bind(("127.0.0.1", port)).await?;
     let mut command = match child_command.split_first() {
         Some((program, args)) => {
             let mut command = handoff::Command::new(program);

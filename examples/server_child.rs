@@ -24,7 +24,7 @@ async fn main() -> anyhow::Result<()> {
             }
         };
         let Some(handle) = handle else { continue };
-        let listener: tokio::net::TcpListener = match handle.into() {
+        let listener: tokio::net::TcpListener = match handle.try_into() {
             Ok(listener) => listener,
             Err(e) => {
                 eprintln!("server_child: {e}");

@@ -21,7 +21,7 @@ async fn main() -> anyhow::Result<()> {
             }
         };
         let Some(handle) = handle else { continue };
-        let socket: tokio::net::UdpSocket = match handle.into() {
+        let socket: tokio::net::UdpSocket = match handle.try_into() {
             Ok(socket) => socket,
             Err(e) => {
                 eprintln!("udp_child: {e}");

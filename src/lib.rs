@@ -38,7 +38,7 @@
 //! while let Some(message) = parent.recv().await {
 //!     let mut message = message?;
 //!     if let Some(handle) = message.take_handle() {
-//!         let mut socket: tokio::net::TcpStream = handle.into()?;
+//!         let mut socket: tokio::net::TcpStream = handle.try_into()?;
 //!         socket.write_all(b"Child handled it.").await?;
 //!     }
 //! }
@@ -54,5 +54,20 @@ pub mod server;
 #[allow(unsafe_code)]
 mod sys;
 
-pub use channel::{Channel, ChannelConfig, Message, Receiver, RecvError, SendError, Sender};
+// Everything that appears in a public signature is also here, at the root, so one `use
+// handoff::{...}` line covers a program; the modules hold the details.
+pub use channel::{
+    Channel, ChannelConfig, Delivery, FrameError, InternalMessage, InternalMessages, Message,
+    Receiver, RecvError, SendError, SendHandleError, Sender,
+};
+pub use handle::{
+    ConvertError, Handle, HandleError, HandleType, IntoWire, KeepOpen, Native, RawHandle,
+    ReceivedHandle,
+};
 pub use process::{Child, Command};
+pub use server::{AcceptRetry, Connection, Server, ServerError};
+
+/// README.md's code, compiled as doctests so that the snippets stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -18,8 +18,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use handoff::channel::{FrameError, StrayReason};
-use handoff::handle::{FdKind, HandleError, HandleType, KeepOpen, RawHandle, WireHandle};
-use handoff::{Channel, ChannelConfig, Message, RecvError, SendError};
+use handoff::handle::{FdKind, HandleError, HandleType, KeepOpen, RawHandle};
+use handoff::{Channel, ChannelConfig, Message, RecvError, SendError, SendHandleError};
 use serde_json::json;
 
 // ---------------------------------------------------------------------------------------------
@@ -151,27 +151,72 @@ fn empty_and_blank_lines_are_malformed() {
 }
 
 #[test]
-fn deeply_nested_json_is_malformed_not_a_stack_overflow() {
+fn deeply_nested_json_is_accepted_to_the_limit_and_too_deep_beyond() {
     run(async {
         let baseline = util::open_fds();
         let (mut chan, mut peer) = raw_channel(ChannelConfig::default());
 
+        // serde_json alone stops at 128; the default limit is 1,000. Accepted and readable.
+        for depth in [129, 1_000] {
+            let mut line = "[".repeat(depth) + &"]".repeat(depth);
+            line.push('\n');
+            peer.write(line.as_bytes()).await;
+            let message = next(&mut chan).await.unwrap();
+            let value = message.value().unwrap();
+            let mut level = &value;
+            let mut levels = 1;
+            while let Some(inner) = level.as_array().and_then(|a| a.first()) {
+                level = inner;
+                levels += 1;
+            }
+            assert_eq!(levels, depth);
+            let mut line = "{\"a\":".repeat(depth) + "1" + &"}".repeat(depth);
+            line.push('\n');
+            peer.write(line.as_bytes()).await;
+            let message = next(&mut chan).await.unwrap();
+            assert_eq!(message.json().len(), line.len() - 1);
+            message.deserialize::<serde_json::Value>().unwrap();
+        }
+
+        // Beyond the limit: TooDeep, not "malformed", and no stack overflow however deep.
         let depth = 100_000;
         let mut line = "[".repeat(depth) + &"]".repeat(depth);
         line.push('\n');
         peer.write(line.as_bytes()).await;
         assert!(matches!(
             next(&mut chan).await,
-            Err(RecvError::Frame(FrameError::Malformed { .. }))
+            Err(RecvError::Frame(FrameError::TooDeep { limit: 1_000 }))
         ));
         let mut line = "{\"a\":".repeat(depth) + "1" + &"}".repeat(depth);
         line.push('\n');
         peer.write(line.as_bytes()).await;
         assert!(matches!(
             next(&mut chan).await,
-            Err(RecvError::Frame(FrameError::Malformed { .. }))
+            Err(RecvError::Frame(FrameError::TooDeep { limit: 1_000 }))
         ));
+        // Malformed at depth is still malformed.
+        let mut line = "[".repeat(200) + "x" + &"]".repeat(200);
+        line.push('\n');
+        peer.write(line.as_bytes()).await;
+        assert!(matches!(next(&mut chan).await, Err(RecvError::Frame(FrameError::Malformed { .. }))));
 
+        assert_still_works(&mut chan, &mut peer).await;
+        drop((chan, peer));
+
+        // The limit is configurable, both ways (Node writes up to ~4,000 levels of arrays).
+        let (mut chan, mut peer) = raw_channel(ChannelConfig::default().max_depth(200));
+        peer.write(format!("{}{}\n", "[".repeat(200), "]".repeat(200)).as_bytes()).await;
+        assert!(next(&mut chan).await.is_ok());
+        peer.write(format!("{}{}\n", "[".repeat(201), "]".repeat(201)).as_bytes()).await;
+        assert!(matches!(
+            next(&mut chan).await,
+            Err(RecvError::Frame(FrameError::TooDeep { limit: 200 }))
+        ));
+        assert_still_works(&mut chan, &mut peer).await;
+        drop((chan, peer));
+        let (mut chan, mut peer) = raw_channel(ChannelConfig::default().max_depth(4_500));
+        peer.write(format!("{}{}\n", "[".repeat(4_200), "]".repeat(4_200)).as_bytes()).await;
+        assert_eq!(next(&mut chan).await.unwrap().value().unwrap().as_array().unwrap().len(), 1);
         assert_still_works(&mut chan, &mut peer).await;
         drop((chan, peer));
         util::assert_fds_settle_to(&baseline).await;
@@ -323,7 +368,7 @@ fn handle_without_fd_is_nacked() {
         assert!(peer.expect_frame(ACK).await.is_empty());
         let mut message = expect_value(&mut chan, json!({"x": 1})).await;
         let mut socket: std::os::unix::net::UnixStream =
-            message.take_handle().unwrap().into().unwrap();
+            message.take_handle().unwrap().try_into().unwrap();
         socket.write_all(b"hi").unwrap();
         let mut got = [0u8; 2];
         (&watch).read_exact(&mut got).unwrap();
@@ -443,7 +488,7 @@ async fn several_fds_on_one_handle(count: usize) {
     // The first descriptor is the one delivered.
     let handle = message.take_handle().unwrap();
     assert_eq!(handle.handle_type(), HandleType::NetSocket);
-    let mut socket: std::os::unix::net::UnixStream = handle.into().unwrap();
+    let mut socket: std::os::unix::net::UnixStream = handle.try_into().unwrap();
     socket.write_all(b"first").unwrap();
     let mut got = [0u8; 5];
     (&watches[0]).read_exact(&mut got).unwrap();
@@ -619,14 +664,7 @@ fn regular_file_or_tty_is_never_sent() {
             // /dev/null may be our stdin, and every /dev/ptmx open is the same inode: count
             // relative to what was open before.
             let others = copies(id) - 1;
-            match WireHandle::new(HandleType::NetSocket, fd) {
-                Err(HandleError::KindMismatch {
-                    handle_type: HandleType::NetSocket,
-                    kind: FdKind::Other,
-                }) => {}
-                other => panic!("WireHandle::new accepted a {what}: {other:?}"),
-            }
-            wait_copies(id, others).await; // refused and closed
+            drop(fd);
 
             for handle_type in [
                 HandleType::NetSocket,
@@ -641,11 +679,19 @@ fn regular_file_or_tty_is_never_sent() {
                     .send_handle(&json!({"what": what}), RawHandle::new(handle_type, fd))
                     .await
                 {
-                    Err(SendError::Handle(HandleError::KindMismatch {
-                        handle_type: t,
-                        kind: FdKind::Other,
-                    })) => {
-                        assert_eq!(t, handle_type)
+                    Err(SendHandleError {
+                        error:
+                            SendError::Handle(HandleError::KindMismatch {
+                                handle_type: t,
+                                kind: FdKind::Other,
+                            }),
+                        handle,
+                    }) => {
+                        assert_eq!(t, handle_type);
+                        // Refused, and given back open, not closed behind our back.
+                        assert_eq!(file_id(&handle), id);
+                        assert_eq!(handle.handle_type(), handle_type);
+                        drop(handle);
                     }
                     other => panic!("sending a {what} as {handle_type}: {other:?}"),
                 }
@@ -673,27 +719,28 @@ fn socket_types_wrapping_a_file_are_never_sent() {
         assert!(
             matches!(
                 result,
-                Err(SendError::Handle(HandleError::KindMismatch { .. }))
+                Err(SendHandleError { error: SendError::Handle(HandleError::KindMismatch { .. }), handle: () })
             ),
             "a regular file was queued as net.Socket via KeepOpen(&TcpStream): {result:?}"
         );
+        let fake_id = file_id(&fake);
         let result = chan.sender().queue_handle(&"moved", fake).await;
-        assert!(
-            matches!(
-                result,
-                Err(SendError::Handle(HandleError::KindMismatch { .. }))
-            ),
-            "a regular file was queued as net.Socket via TcpStream: {result:?}"
-        );
+        match result {
+            Err(SendHandleError { error: SendError::Handle(HandleError::KindMismatch { .. }), handle }) => {
+                assert_eq!(file_id(&handle), fake_id, "the TcpStream is given back");
+            }
+            other => panic!("a regular file was queued as net.Socket via TcpStream: {other:?}"),
+        }
         let fake = std::net::UdpSocket::from(regular_file());
         let result = chan.sender().queue_handle(&"udp", fake).await;
         assert!(
             matches!(
                 result,
-                Err(SendError::Handle(HandleError::KindMismatch { .. }))
+                Err(SendHandleError { error: SendError::Handle(HandleError::KindMismatch { .. }), .. })
             ),
             "a regular file was queued as dgram.Socket via UdpSocket: {result:?}"
         );
+        drop(result); // the UdpSocket, given back
         assert_no_reply(&chan, &mut peer).await;
         drop((chan, peer));
         util::assert_fds_settle_to(&baseline).await;
@@ -723,7 +770,7 @@ fn node_double_wrapped_retransmission_gets_one_ack() {
         assert_eq!(file_id(&handle), server_id);
         assert_no_reply(&chan, &mut peer).await; // one ACK, not two
 
-        let mut socket: std::net::TcpStream = handle.into().unwrap();
+        let mut socket: std::net::TcpStream = handle.try_into().unwrap();
         socket.write_all(b"via retransmission").unwrap();
         drop(socket);
         let mut text = String::new();
@@ -867,14 +914,13 @@ fn child_killed_while_handles_are_queued_gives_them_back() {
 
         for (i, delivery) in deliveries.into_iter().enumerate() {
             match util::within("a delivery after the kill", delivery).await {
-                Err(SendError::Disconnected {
-                    handle: Some(fd),
-                    written,
+                Err(SendHandleError {
+                    error: SendError::Disconnected { written },
+                    handle: mut socket,
                 }) => {
                     assert_eq!(written, i == 0, "handle {i}: written");
-                    assert_eq!(file_id(&fd), ids[i]);
-                    // Still open and usable.
-                    let mut socket = std::net::TcpStream::from(fd);
+                    assert_eq!(file_id(&socket), ids[i]);
+                    // Given back as the TcpStream it was sent as, still open and usable.
                     socket.write_all(format!("back {i}").as_bytes()).unwrap();
                     drop(socket);
                     let mut text = String::new();

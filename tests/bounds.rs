@@ -613,7 +613,7 @@ fn handles_queued_for_a_peer_that_does_not_read_wait_for_room() {
         assert!(deliveries.len() <= 128, "{} handles queued", deliveries.len());
         drop((chan, peer));
         for delivery in deliveries {
-            assert!(matches!(util::within("delivery", delivery).await, Err(SendError::Disconnected { .. })));
+            assert!(matches!(util::within("delivery", delivery).await, Err(handoff::SendHandleError { error: SendError::Disconnected { .. }, .. })));
         }
         util::assert_fds_settle_to(&baseline).await;
     });
@@ -674,7 +674,10 @@ fn max_retransmits_255_gives_up_after_256_writes() {
             peer.write(NACK).await;
         }
         match util::within("the delivery", delivery).await {
-            Err(SendError::NotDelivered { attempts }) => assert_eq!(attempts, 256),
+            Err(handoff::SendHandleError { error: SendError::NotDelivered { attempts }, handle }) => {
+                assert_eq!(attempts, 256);
+                drop(handle); // given back, not closed behind our back
+            }
             other => panic!("expected NotDelivered, got {other:?}"),
         }
         peer.assert_silent(Duration::from_millis(50)).await;
@@ -683,6 +686,233 @@ fn max_retransmits_255_gives_up_after_256_writes() {
         watch.set_read_timeout(Some(util::STEP)).unwrap();
         assert_eq!((&watch).read(&mut byte).unwrap(), 0, "the descriptor was closed");
         drop((chan, peer, watch));
+        util::assert_fds_settle_to(&baseline).await;
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Found by review: the bounds must not deadlock well-behaved peers, nor be skipped at exit
+// ---------------------------------------------------------------------------------------------
+
+/// Two handoff peers that each await the delivery of 200 handles (more than `recv_handles`)
+/// before receiving any: each one's acknowledgements sit behind the other's handles, so a
+/// receive queue that stops reading at its budget while a delivery is awaited deadlocks them.
+#[test]
+fn peers_awaiting_deliveries_before_receiving_do_not_deadlock() {
+    run(async {
+        let baseline = util::open_fds();
+        let (a, b) = Channel::pair().unwrap();
+        let side = |chan: Channel| async move {
+            let (sender, mut receiver) = chan.split();
+            for i in 0..200 {
+                let (mine, _theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+                sender.send_handle(&i, mine).await.unwrap();
+            }
+            let mut got = 0;
+            while got < 200 {
+                let message = receiver.recv().await.unwrap().unwrap();
+                assert!(message.handle().is_some());
+                got += 1;
+            }
+            (sender, receiver)
+        };
+        let (a, b) = util::within("both sides", futures_join(side(a), side(b))).await;
+        drop((a, b));
+        util::assert_fds_settle_to(&baseline).await;
+    });
+}
+
+async fn futures_join<A: std::future::Future, B: std::future::Future>(a: A, b: B) -> (A::Output, B::Output) {
+    tokio::join!(a, b)
+}
+
+/// While lingering at exit (a handle awaiting its ACK, a message held behind it), a peer that
+/// floods handle messages without descriptors and never reads cannot make the channel read on
+/// past its bounds: the flood stalls.
+#[test]
+fn lingering_at_exit_keeps_to_the_bounds() {
+    let _serial = util::serial();
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let chan = runtime.block_on(async {
+        let chan = Channel::with_config(OwnedFd::from(ours), ChannelConfig::default().linger(Duration::from_secs(2))).unwrap();
+        let (mine, _other) = std::os::unix::net::UnixStream::pair().unwrap();
+        let delivery = chan.sender().queue_handle(&"h", mine).await.unwrap();
+        chan.send(&"held behind the handle").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await; // the handle is written
+        drop(delivery);
+        chan
+    });
+    let flood = std::thread::spawn(move || {
+        use std::io::Write;
+        let line = b"{\"cmd\":\"NODE_HANDLE\"}\n".repeat(4096);
+        theirs.set_write_timeout(Some(Duration::from_millis(500))).unwrap();
+        let mut written = 0usize;
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(4) && written < 256 << 20 {
+            match (&theirs).write(&line) {
+                Ok(n) => written += n,
+                Err(_) => break, // stalled for 500 ms, or the channel closed
+            }
+        }
+        (written, theirs)
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    drop(runtime); // main returned: the channel lingers (2 s) with its frames unwritten
+    drop(chan);
+    let (written, theirs) = flood.join().unwrap();
+    // The kernel's buffer and one read (~0.6 MiB here); without the bounds, 11 MiB in a debug
+    // build and hundreds in a release one.
+    assert!(written < 2 << 20, "the lingering channel read {} KiB of handle messages", written >> 10);
+    drop(theirs);
+}
+
+/// A count from the peer is its claim: an absurd one saturates instead of overflowing.
+#[test]
+fn an_absurd_count_from_the_peer_saturates() {
+    run(async {
+        let baseline = util::open_fds();
+        let (chan, mut peer) = raw_channel(ChannelConfig::default());
+        let server = handoff::Server::bind("127.0.0.1:0").await.unwrap();
+        let client = std::net::TcpStream::connect(server.local_addr().unwrap()).unwrap();
+        let connection = server.accept().await.unwrap();
+        // One connection stays here, so ours + the peer's claim would overflow.
+        let kept_client = std::net::TcpStream::connect(server.local_addr().unwrap()).unwrap();
+        let kept = server.accept().await.unwrap();
+        let sending = chan.sender().clone();
+        let delivery = tokio::spawn(async move { sending.send_handle(&"c", connection).await.is_ok() });
+        let (_, fds) = peer.frame().await;
+        peer.write(ACK).await;
+        assert!(util::within("delivery", delivery).await.unwrap());
+        drop(fds);
+        let server = std::sync::Arc::new(server);
+        let counting = tokio::spawn({
+            let server = server.clone();
+            async move { server.get_connections().await }
+        });
+        let (line, _) = peer.frame().await;
+        let request: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(request["cmd"], "NODE_SOCKET_GET_COUNT");
+        let reply = json!({"cmd": "NODE_SOCKET_COUNT", "key": request["key"], "count": u64::MAX});
+        peer.write(format!("{reply}\n").as_bytes()).await;
+        assert_eq!(util::within("the count", counting).await.unwrap().unwrap(), usize::MAX);
+        drop((chan, peer, client, server, kept, kept_client));
+        util::assert_fds_settle_to(&baseline).await;
+    });
+}
+
+/// A close request for one key does not postpone the check of another key's pending one.
+#[test]
+fn close_requests_for_other_keys_do_not_postpone_a_pending_one() {
+    run(async {
+        let baseline = util::open_fds();
+        let (mut chan, mut peer) = raw_channel(ChannelConfig::default());
+        let (held, watches) = receive_keyed_sockets(&mut chan, &mut peer, "4:127.0.0.1:1", 1).await;
+        peer.write(&requests("NODE_SOCKET_NOTIFY_CLOSE", std::iter::once("4:127.0.0.1:1".to_owned()))).await;
+        peer.assert_silent(Duration::from_millis(100)).await;
+        drop(held);
+        let started = Instant::now();
+        let other = requests("NODE_SOCKET_NOTIFY_CLOSE", std::iter::once("4:127.0.0.1:2".to_owned()));
+        let mut answered = false;
+        while started.elapsed() < Duration::from_secs(2) {
+            peer.write(&other).await;
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            while let Ok(n) = tokio::time::timeout(Duration::from_millis(1), peer.fill()).await {
+                if n == 0 {
+                    break;
+                }
+            }
+            let text = String::from_utf8_lossy(&peer.buf).into_owned();
+            if text.contains("4:127.0.0.1:1") {
+                answered = true;
+                break;
+            }
+        }
+        assert!(answered, "ALL_CLOSED for the first key never came while other requests arrived");
+        assert!(started.elapsed() < Duration::from_millis(500), "came after {:?}", started.elapsed());
+        drop((chan, peer, watches));
+        util::assert_fds_settle_to(&baseline).await;
+    });
+}
+
+fn vm_rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// The smallest messages cost a hundred times their size in the receive queue: reads shrink as
+/// the queue fills, so a non-reading receiver holds about `recv_buffer`, not a read's worth of
+/// tiny messages more.
+#[test]
+fn a_flood_of_tiny_messages_holds_about_recv_buffer() {
+    run(async {
+        let baseline = util::open_fds();
+        let (chan, peer) = raw_channel(ChannelConfig::default().recv_buffer(4 << 20));
+        let data = b"1\n".repeat(8 << 20);
+        let before = vm_rss_kib();
+        let written = flood(&peer, &data, Duration::from_millis(500)).await;
+        assert!(written < data.len(), "16 MiB of messages read for a receiver that takes none");
+        let grown = vm_rss_kib().saturating_sub(before);
+        assert!(grown < 10 << 10, "RSS grew {grown} KiB against a 4 MiB recv_buffer");
+        drop((chan, peer, data));
+        util::assert_fds_settle_to(&baseline).await;
+    });
+}
+
+/// Callers waiting for room in `send_handles` hold no descriptor while they wait (a `KeepOpen`
+/// duplicate is made once there is room).
+#[test]
+fn keep_open_callers_waiting_for_room_hold_no_duplicate() {
+    run(async {
+        let baseline = util::open_fds();
+        let (chan, peer) = raw_channel(ChannelConfig::default().send_handles(1));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let first = chan.sender().queue_handle(&0, handoff::KeepOpen(&listener)).await.unwrap();
+        let listener = std::sync::Arc::new(listener);
+        let before = util::open_fds().len();
+        let mut waiting = Vec::new();
+        for i in 1..=20 {
+            let (sender, listener) = (chan.sender().clone(), listener.clone());
+            waiting.push(tokio::spawn(async move { sender.queue_handle(&i, handoff::KeepOpen(&*listener)).await.map(drop) }));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(waiting.iter().all(|w| !w.is_finished()));
+        let during = util::open_fds().len();
+        assert!(during <= before + 1, "{} descriptors held by waiting callers", during - before);
+        drop((chan, peer));
+        for w in waiting {
+            let _ = w.await;
+        }
+        let _ = first.await;
+        drop(listener);
+        util::assert_fds_settle_to(&baseline).await;
+    });
+}
+
+/// The same socket sent again after its first copy was closed, landing on the same number, is
+/// one open socket, not two.
+#[test]
+fn a_socket_received_again_on_the_same_number_counts_once() {
+    run(async {
+        let baseline = util::open_fds();
+        let (mut chan, mut peer) = raw_channel(ChannelConfig::default());
+        let key = "4:127.0.0.1:3";
+        let (socket, watch) = probe();
+        let line = handle_frame(json!({"cmd": "NODE_HANDLE", "type": "net.Socket", "msg": 1, "key": key}));
+        peer.send(&line, &[socket.as_fd()]).await;
+        assert!(peer.expect_frame(ACK).await.is_empty());
+        let first = OwnedFd::from(util::within("first", chan.recv()).await.unwrap().unwrap().take_handle().unwrap());
+        let number = std::os::fd::AsRawFd::as_raw_fd(&first);
+        drop(first);
+        peer.send(&line, &[socket.as_fd()]).await;
+        assert!(peer.expect_frame(ACK).await.is_empty());
+        let second = OwnedFd::from(util::within("second", chan.recv()).await.unwrap().unwrap().take_handle().unwrap());
+        assert_eq!(std::os::fd::AsRawFd::as_raw_fd(&second), number, "the number was reused");
+        assert_eq!(count_reply(&mut peer, key).await, 1);
+        drop(second);
+        assert_eq!(count_reply(&mut peer, key).await, 0);
+        drop((chan, peer, socket, watch));
         util::assert_fds_settle_to(&baseline).await;
     });
 }

@@ -38,7 +38,7 @@ fn a_message_of_the_wrong_shape_is_returned_whole_with_its_handle() {
         match util::within("message", b.recv_as::<Job>()).await.unwrap() {
             Err(RecvError::Deserialize { mut message, .. }) => {
                 assert_eq!(message.value().unwrap(), json!({"not": "a job"}));
-                let listener: std::net::TcpListener = message.take_handle().unwrap().into().unwrap();
+                let listener: std::net::TcpListener = message.take_handle().unwrap().try_into().unwrap();
                 assert!(listener.local_addr().is_ok());
             }
             other => panic!("expected a Deserialize error, got {other:?}"),
@@ -181,7 +181,10 @@ fn a_handle_message_with_a_reserved_cmd_is_refused_before_the_wire() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         // A Node receiver would treat this `msg` as an unsolicited ACK and die.
         match a.send_handle(&json!({"cmd": "NODE_HANDLE_ACK"}), listener).await {
-            Err(SendError::Reserved { cmd }) => assert_eq!(cmd, "NODE_HANDLE_ACK"),
+            Err(handoff::SendHandleError { error: SendError::Reserved { cmd }, handle }) => {
+                assert_eq!(cmd, "NODE_HANDLE_ACK");
+                handle.set_nonblocking(true).unwrap(); // given back
+            }
             other => panic!("expected Reserved, got {other:?}"),
         }
         a.send(&"after").await.unwrap();
@@ -263,12 +266,32 @@ fn values_that_cannot_be_serialized_are_refused() {
         }
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         match a.send_handle(&Fails, handoff::handle::KeepOpen(&listener)).await {
-            Err(SendError::Serialize(_)) => {}
+            Err(handoff::SendHandleError { error: SendError::Serialize(_), handle: () }) => {}
             other => panic!("expected Serialize, got {other:?}"),
         }
 
         a.send(&"still fine").await.unwrap();
         let got = util::within("message", b.recv()).await.unwrap().unwrap();
         assert_eq!(got.json(), "\"still fine\"");
+    })
+}
+
+/// Received handles convert with the standard traits; one that does not fit comes back in the
+/// error, untouched, and converts into what it is.
+#[test]
+fn received_handles_convert_with_try_from() {
+    util::serial_test(async {
+        let (a, mut b) = Channel::pair().unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        a.send_handle(&"server", listener).await.unwrap();
+        let handle = util::within("message", b.recv()).await.unwrap().unwrap().take_handle().unwrap();
+        let error = std::net::TcpStream::try_from(handle).unwrap_err();
+        assert!(error.to_string().contains("TcpStream"), "{error}");
+        let handle = error.into_handle().expect("given back");
+        let listener = tokio::net::TcpListener::try_from(handle).unwrap();
+        assert_eq!(listener.local_addr().unwrap(), addr);
+        let (socket, _) = tokio::join!(listener.accept(), tokio::net::TcpStream::connect(addr));
+        socket.unwrap();
     })
 }

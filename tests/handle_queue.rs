@@ -18,8 +18,8 @@ use std::io::{self, Read, Write};
 use std::os::fd::AsFd;
 use std::time::Duration;
 
-use handoff::handle::{FdKind, HandleType, KeepOpen};
-use handoff::{Channel, ChannelConfig, SendError};
+use handoff::handle::{FdKind, HandleType, KeepOpen, RawHandle};
+use handoff::{Channel, ChannelConfig, SendError, SendHandleError};
 use serde_json::json;
 
 // ---------------------------------------------------------------------------------------------
@@ -176,10 +176,14 @@ fn nack_resends_the_same_bytes_then_gives_up_after_four_writes() {
             peer.write(NACK).await;
         }
         match util::within("the delivery", delivery).await {
-            Err(SendError::NotDelivered { attempts: 4 }) => {}
+            Err(SendHandleError { error: SendError::NotDelivered { attempts: 4 }, handle }) => {
+                // Given back, not closed behind our back.
+                assert_eq!(file_id(&handle), id);
+                drop(handle);
+            }
             other => panic!("expected NotDelivered after 4 attempts, got {other:?}"),
         }
-        // The descriptor is closed, and the queue moves on.
+        // Closed once dropped, and the queue moves on.
         wait_copies(id, 0).await;
         assert_eq!(client_read_to_end(&client), "");
         assert!(peer.expect_frame(b"\"after\"\n").await.is_empty());
@@ -199,7 +203,7 @@ fn nack_resends_the_same_bytes_then_gives_up_after_four_writes() {
         peer0.write(NACK).await;
         assert!(matches!(
             util::within("the delivery", delivery).await,
-            Err(SendError::NotDelivered { attempts: 1 })
+            Err(SendHandleError { error: SendError::NotDelivered { attempts: 1 }, .. })
         ));
         assert_peer_closed(&watch).await;
         peer0.assert_silent(Duration::from_millis(50)).await;
@@ -453,27 +457,20 @@ fn sending_on_a_disconnected_channel_gives_the_handle_back() {
         let (client, server) = tcp_pair();
         let id = file_id(&server);
         match chan.send_handle(&"late", server).await {
-            Err(SendError::Disconnected {
-                handle: Some(fd),
-                written: false,
-            }) => {
-                assert_eq!(file_id(&fd), id);
-                let socket = std::net::TcpStream::from(fd);
+            Err(SendHandleError { error: SendError::Disconnected { written: false }, handle: socket }) => {
+                assert_eq!(file_id(&socket), id);
                 (&socket).write_all(b"returned").unwrap();
             }
             other => panic!("expected Disconnected with the handle, got {other:?}"),
         }
         assert_eq!(client_read_to_end(&client), "returned");
         drop(client);
-        // By reference: the duplicate is handed back (and closed when dropped), ours stays.
+        // By reference: nothing to give back, ours stays.
         let (client, server) = tcp_pair();
         let result = chan.sender().queue_handle(&"late", KeepOpen(&server)).await;
         assert!(matches!(
             result,
-            Err(SendError::Disconnected {
-                handle: Some(_),
-                written: false
-            })
+            Err(SendHandleError { error: SendError::Disconnected { written: false }, handle: () })
         ));
         drop(result);
         assert_eq!(copies(file_id(&server)), 1);
@@ -496,10 +493,7 @@ fn sending_on_a_disconnected_channel_gives_the_handle_back() {
         let (fd, watch) = probe();
         let stream = std::os::unix::net::UnixStream::from(fd);
         match chan.send_handle(&"late", stream).await {
-            Err(SendError::Disconnected {
-                handle: Some(fd),
-                written: false,
-            }) => drop(fd),
+            Err(SendHandleError { error: SendError::Disconnected { written: false }, handle }) => drop(handle),
             other => panic!("expected Disconnected with the handle, got {other:?}"),
         }
         assert_peer_closed(&watch).await;
@@ -706,10 +700,7 @@ fn sends_blocked_on_back_pressure_fail_when_the_peer_goes_away() {
             .await
             .unwrap()
         {
-            Err(SendError::Disconnected {
-                handle: Some(fd),
-                written: false,
-            }) => drop(fd),
+            Err(SendHandleError { error: SendError::Disconnected { written: false }, handle }) => drop(handle),
             other => panic!("expected Disconnected with the handle, got {other:?}"),
         }
         assert_peer_closed(&watch).await;
@@ -788,11 +779,11 @@ async fn stress(count: usize, window: usize, kind: Kind) {
             Kind::Tcp => {
                 let _client = std::net::TcpStream::connect(addr).unwrap();
                 let (server, _) = listener.accept().unwrap();
-                a.sender().queue_handle(&message, server).await
+                a.sender().queue_handle(&message, RawHandle::new(HandleType::NetSocket, server.into())).await
             }
             Kind::UnixPair => {
                 let (x, _y) = std::os::unix::net::UnixStream::pair().unwrap();
-                a.sender().queue_handle(&message, x).await
+                a.sender().queue_handle(&message, RawHandle::new(HandleType::NetSocket, x.into())).await
             }
         };
         deliveries.push_back(queued.unwrap());

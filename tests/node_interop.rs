@@ -352,6 +352,24 @@ fn messages_rust_parent_node_child() {
     })
 }
 
+/// Doubles survive both ways bit for bit (checked in Node with `Object.is` and the bits): a Rust
+/// child that parses Node's numbers and writes them back changes none (`2**70` used to come
+/// back one ULP off), and what Rust writes Node reads exactly (subnormals, `-0`, `2**53`...).
+#[test]
+fn doubles_round_trip_exactly_node_parent_rust_child() {
+    util::serial_test(async {
+        let node = require_node!();
+        let lines = node_parent(&node, "doubles", &util::example("interop_child")).await;
+        let echo = case(&lines, "doubles-echo");
+        assert_eq!(echo["count"], 2000);
+        assert_eq!(echo["changedCount"], 0, "doubles changed by a Rust round trip: {echo}");
+        let made = case(&lines, "doubles-from-rust");
+        assert_eq!(made["count"], 2000);
+        assert_eq!(made["wrongCount"], 0, "doubles Node read differently: {made}");
+        assert_clean_end(&lines);
+    })
+}
+
 #[test]
 fn messages_node_parent_rust_child() {
     util::serial_test(async {
@@ -528,7 +546,7 @@ fn handles_from_node_child_to_rust_parent() {
         assert_eq!(handle.handle_type(), HandleType::NetSocket);
         assert_eq!(handle.kind(), FdKind::TcpStream);
         assert_eq!(handle.key(), Some("4:127.0.0.1:0"), "the key uses the port given to listen()");
-        serve_stream(handle.into::<tokio::net::TcpStream>().unwrap(), "rust").await;
+        serve_stream(tokio::net::TcpStream::try_from(handle).unwrap(), "rust").await;
         assert_eq!(peer.client_got(1).await, rust_stream_reply);
 
         // Unix stream net.Socket from a server on a path.
@@ -537,7 +555,7 @@ fn handles_from_node_child_to_rust_parent() {
         assert_eq!(handle.kind(), FdKind::UnixStream);
         let key = format!("-1:{}:-1", given["path"].as_str().unwrap());
         assert_eq!(handle.key(), Some(key.as_str()));
-        serve_stream(handle.into::<tokio::net::UnixStream>().unwrap(), "rust").await;
+        serve_stream(tokio::net::UnixStream::try_from(handle).unwrap(), "rust").await;
         assert_eq!(peer.client_got(2).await, rust_stream_reply);
 
         // net.Native: a connected socket's _handle.
@@ -545,7 +563,7 @@ fn handles_from_node_child_to_rust_parent() {
         assert_eq!(handle.handle_type(), HandleType::NetNative);
         assert_eq!(handle.kind(), FdKind::TcpStream);
         assert_eq!(handle.key(), None);
-        serve_stream(handle.into::<tokio::net::TcpStream>().unwrap(), "rust").await;
+        serve_stream(tokio::net::TcpStream::try_from(handle).unwrap(), "rust").await;
         assert_eq!(peer.client_got(3).await, rust_stream_reply);
 
         // TCP net.Server, and net.Native carrying a server's _handle: we accept on them.
@@ -556,7 +574,7 @@ fn handles_from_node_child_to_rust_parent() {
             let (given, handle) = peer.take(kind, id).await;
             assert_eq!(handle.handle_type(), handle_type, "{kind}");
             assert_eq!(handle.kind(), FdKind::TcpListener, "{kind}");
-            let listener: tokio::net::TcpListener = handle.into().unwrap();
+            let listener: tokio::net::TcpListener = handle.try_into().unwrap();
             let addr = listener.local_addr().unwrap();
             assert_eq!(given["port"], addr.port());
             let server = tokio::spawn(async move {
@@ -578,7 +596,7 @@ fn handles_from_node_child_to_rust_parent() {
         let (given, handle) = peer.take("unix-server", 6).await;
         assert_eq!(handle.handle_type(), HandleType::NetServer);
         assert_eq!(handle.kind(), FdKind::UnixListener);
-        let listener: std::os::unix::net::UnixListener = handle.into().unwrap();
+        let listener: std::os::unix::net::UnixListener = handle.try_into().unwrap();
         let bound = listener
             .local_addr()
             .unwrap()
@@ -620,7 +638,7 @@ fn handles_from_node_child_to_rust_parent() {
             assert_eq!(handle.handle_type(), handle_type, "{kind}");
             assert_eq!(handle.kind(), fd_kind, "{kind}");
             assert_eq!(handle.dgram_type(), dgram_type, "{kind}");
-            let socket: tokio::net::UdpSocket = handle.into().unwrap();
+            let socket: tokio::net::UdpSocket = handle.try_into().unwrap();
             let addr = socket.local_addr().unwrap();
             assert_eq!(given["port"], addr.port(), "{kind}");
             let server = serve_udp(socket);
@@ -1015,7 +1033,7 @@ fn handles_cross_rust_parent_node_child() {
             let mut given = peer.op("given", id).await;
             let handle = given.take_handle().expect("a socket");
             assert_eq!(handle.key(), Some("4:127.0.0.1:0"));
-            let stream: tokio::net::TcpStream = handle.into().unwrap();
+            let stream: tokio::net::TcpStream = handle.try_into().unwrap();
             serving.spawn(serve_stream(stream, "rust"));
         }
         for delivery in deliveries {
@@ -1107,31 +1125,31 @@ fn received_handles_from_node_leave_no_fds() {
                 received += 1;
                 match (id % 3, handle.kind()) {
                     (0, _) => drop(handle),
-                    (1, FdKind::TcpStream) => drop(handle.into::<tokio::net::TcpStream>().unwrap()),
+                    (1, FdKind::TcpStream) => drop(tokio::net::TcpStream::try_from(handle).unwrap()),
                     (1, FdKind::UnixStream) => {
-                        drop(handle.into::<tokio::net::UnixStream>().unwrap())
+                        drop(tokio::net::UnixStream::try_from(handle).unwrap())
                     }
                     (1, FdKind::TcpListener) => {
-                        drop(handle.into::<tokio::net::TcpListener>().unwrap())
+                        drop(tokio::net::TcpListener::try_from(handle).unwrap())
                     }
                     (1, FdKind::UnixListener) => {
-                        drop(handle.into::<tokio::net::UnixListener>().unwrap())
+                        drop(tokio::net::UnixListener::try_from(handle).unwrap())
                     }
                     (1, FdKind::Udp4 | FdKind::Udp6) => {
-                        drop(handle.into::<tokio::net::UdpSocket>().unwrap())
+                        drop(tokio::net::UdpSocket::try_from(handle).unwrap())
                     }
-                    (_, FdKind::TcpStream) => drop(handle.into::<std::net::TcpStream>().unwrap()),
+                    (_, FdKind::TcpStream) => drop(std::net::TcpStream::try_from(handle).unwrap()),
                     (_, FdKind::UnixStream) => {
-                        drop(handle.into::<std::os::unix::net::UnixStream>().unwrap())
+                        drop(std::os::unix::net::UnixStream::try_from(handle).unwrap())
                     }
                     (_, FdKind::TcpListener) => {
-                        drop(handle.into::<std::net::TcpListener>().unwrap())
+                        drop(std::net::TcpListener::try_from(handle).unwrap())
                     }
                     (_, FdKind::UnixListener) => {
-                        drop(handle.into::<std::os::unix::net::UnixListener>().unwrap())
+                        drop(std::os::unix::net::UnixListener::try_from(handle).unwrap())
                     }
                     (_, FdKind::Udp4 | FdKind::Udp6) => {
-                        drop(handle.into::<std::net::UdpSocket>().unwrap())
+                        drop(std::net::UdpSocket::try_from(handle).unwrap())
                     }
                     (_, other) => panic!("unexpected {other:?}"),
                 }
@@ -1167,7 +1185,7 @@ fn node_server_counts_and_waits_for_socket_held_by_rust() {
         let node = require_node!();
         let mut peer = Peer::spawn(&node);
         let (_, handle) = peer.take("tcp-socket", 1).await;
-        let stream: tokio::net::TcpStream = handle.into().unwrap();
+        let stream: tokio::net::TcpStream = handle.try_into().unwrap();
 
         peer.send(json!({"op": "server-count", "id": 1})).await;
         let count = tokio::time::timeout(Duration::from_secs(3), peer.op("server-count", 1))

@@ -274,3 +274,94 @@ fn parent_channel_refuses_a_descriptor_the_process_owns() {
     assert!(stdout.contains("own socket still works: true"), "{stdout}");
     assert!(stdout.contains("done"), "{stdout}");
 }
+
+/// A child that sends as soon as it is attached and returns from `main` before its channel's
+/// task ever ran loses nothing either (the linger guard exists from the task's creation).
+#[test]
+fn messages_sent_before_the_channel_task_ever_ran_arrive() {
+    util::serial_test(async {
+        let mut child = probe().env("IPC_PROBE_BURST", "1000").spawn().unwrap();
+        for i in 0..1000 {
+            assert_eq!(next_value(&mut child).await, json!({"i": i}));
+        }
+        assert!(util::within("end of messages", child.recv()).await.is_none());
+        assert!(util::within("child exit", child.wait()).await.unwrap().success());
+    })
+}
+
+/// Node hands a handoff child 300 sockets (more than its `recv_handles` budget) while the child,
+/// before receiving anything, waits for Node to acknowledge a handle of its own. The
+/// acknowledgement arrives behind Node's sockets; the child must read on to see it.
+#[test]
+fn a_child_awaiting_its_own_delivery_while_node_floods_it_with_handles() {
+    util::serial_test(async {
+        let node = require_node!();
+        let output = tokio::process::Command::new(&node)
+            .arg(util::node_script("handles_flood_parent.js"))
+            .arg("300")
+            .arg(util::example("ipc_probe"))
+            .env("IPC_PROBE_HANDLE_FIRST", "1")
+            .output();
+        let output = util::within("the node parent", output).await.unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let line: Value = serde_json::from_str(stdout.lines().last().unwrap_or("{}")).unwrap();
+        assert_eq!(line, json!({"childHandles": 300, "gotChildHandle": true}), "{stdout}");
+    })
+}
+
+/// A spawn failure names the program (Node: `spawn no-such-cmd ENOENT`) and keeps the kind.
+#[test]
+fn a_spawn_error_names_the_program() {
+    util::serial_test(async {
+        let error = Command::new("no-such-cmd-handoff").spawn().unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::NotFound);
+        let text = error.to_string();
+        assert!(text.contains("no-such-cmd-handoff"), "{text}");
+        let source = std::error::Error::source(error.get_ref().unwrap()).unwrap();
+        assert!(source.to_string().contains("os error 2"), "{source}");
+    })
+}
+
+/// Once `wait()` has seen the child exit, the channel says so: `send` is an error, never an `Ok`
+/// for a message nobody will read (it used to succeed now and then, and be lost).
+#[test]
+fn send_after_wait_is_an_error() {
+    util::serial_test(async {
+        for _ in 0..40 {
+            let mut child = probe().spawn().unwrap();
+            child.send(&json!({"exit": 0})).await.unwrap();
+            assert!(util::within("exit", child.wait()).await.unwrap().success());
+            assert!(!child.is_connected());
+            assert!(matches!(child.send(&"late").await, Err(SendError::Closed)));
+            let (socket, _other) = std::os::unix::net::UnixStream::pair().unwrap();
+            match child.send_handle(&"late", socket).await {
+                Err(handoff::SendHandleError { error: SendError::Disconnected { written: false }, handle }) => drop(handle),
+                other => panic!("{other:?}"),
+            }
+        }
+    })
+}
+
+/// The receiver can live in another task while this one keeps the process; the child is also
+/// its channel's sender.
+#[test]
+fn receiving_in_another_task_keeps_process_control() {
+    util::serial_test(async {
+        let mut child = probe().spawn().unwrap();
+        let mut receiver = child.take_receiver().unwrap();
+        let (echoed, got_echo) = tokio::sync::oneshot::channel();
+        let receiving = tokio::spawn(async move {
+            let echo = receiver.recv().await.unwrap().unwrap().value().unwrap();
+            let _ = echoed.send(echo);
+            receiver.recv().await.is_none()
+        });
+        child.send(&json!({"n": 1})).await.unwrap(); // Child derefs to the Sender
+        child.flush().await.unwrap();
+        assert!(child.recv().await.is_none(), "the receiver was taken");
+        let echo = util::within("the echo", got_echo).await.unwrap();
+        assert_eq!(echo, json!({"echo": {"n": 1}}));
+        child.disconnect();
+        assert!(util::within("the receive stream's end", receiving).await.unwrap());
+        assert!(util::within("exit", child.wait()).await.unwrap().success());
+    })
+}

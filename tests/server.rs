@@ -24,7 +24,7 @@ fn node_echo_child() -> Command {
 }
 
 async fn local_server() -> Server {
-    Server::bind("127.0.0.1:0".parse().unwrap()).await.unwrap()
+    Server::bind("127.0.0.1:0").await.unwrap()
 }
 
 /// A client that checks its connection works (the echo comes back) before going on.
@@ -341,12 +341,41 @@ fn a_server_does_not_keep_a_dropped_channel_open() {
         let mut clients = hand_out(&server, &[&child], 1).await;
         expect_count(&server, 1).await;
         // The user lets go of the channel; the server's list must not keep it open.
-        let (mut process, channel) = child.into_parts();
-        drop(channel);
+        let (mut process, sender, receiver) = child.into_parts();
+        drop((sender, receiver));
         drop(clients.pop()); // the echo session ends, so the child can finish
         let status = util::within("the child exiting", process.wait()).await.unwrap();
         assert!(status.success(), "{status}");
         assert_eq!(server.get_connections().await.unwrap(), 0);
         util::within("close()", server.close()).await.unwrap();
+    })
+}
+
+/// A connection whose send fails comes back as the `Connection` it was, counted again by its
+/// server (it left the count when it was queued, as in Node), and still usable.
+#[test]
+fn a_connection_that_cannot_be_delivered_comes_back_counted() {
+    util::serial_test(async {
+        let server = local_server().await;
+        let mut client = client(server.local_addr().unwrap());
+        let connection = server.accept().await.unwrap();
+        assert_eq!(server.local_connections(), 1);
+        let (a, b) = handoff::Channel::pair().unwrap();
+        drop(b); // nobody will acknowledge it
+        util::within("the channel closing", a.closed()).await;
+        match a.send_handle(&"socket", connection).await {
+            Err(handoff::SendHandleError { error: handoff::SendError::Disconnected { written: false }, handle }) => {
+                assert_eq!(server.local_connections(), 1, "counted again");
+                let mut connection = handle;
+                use tokio::io::AsyncWriteExt;
+                connection.write_all(b"still ours").await.unwrap();
+                drop(connection);
+                let mut text = String::new();
+                client.read_to_string(&mut text).unwrap();
+                assert_eq!(text, "still ours");
+            }
+            other => panic!("expected the connection back, got {other:?}"),
+        }
+        assert_eq!(server.local_connections(), 0);
     })
 }

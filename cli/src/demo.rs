@@ -21,7 +21,7 @@ pub(crate) struct DemoArgs {
 
 /// The parent: listen, fork the child, hand it every connection.
 pub(crate) async fn parent(args: DemoArgs) -> anyhow::Result<()> {
-    let server = handoff::server::Server::bind(SocketAddr::from(([127, 0, 0, 1], args.port)))
+    let server = handoff::server::Server::bind(("127.0.0.1", args.port))
         .await
         .with_context(|| format!("cannot listen on 127.0.0.1:{}", args.port))?;
     let mut command = match args.child.split_first() {
@@ -109,7 +109,7 @@ pub(crate) async fn child() -> anyhow::Result<()> {
         };
         let is_socket = message.deserialize::<String>().is_ok_and(|m| m == "socket");
         let Some(handle) = message.take_handle().filter(|_| is_socket) else { continue };
-        match handle.into::<tokio::net::TcpStream>() {
+        match tokio::net::TcpStream::try_from(handle) {
             Ok(mut socket) => {
                 answering.spawn(async move {
                     let _ = socket.write_all(b"Child handled it.").await;

@@ -15,10 +15,11 @@
 //! never reads the answers stops being read.
 //!
 //! # Who owns a sent descriptor
-//! The [`PendingHandle`] owns it from `send_handle` on: in `held` or `write_queue` until written,
-//! then in `in_flight` until the peer answers. An ACK closes it (the peer has its own copy); a
-//! NACK puts it back in `write_queue`, until the retransmission limit closes it; a closing channel
-//! hands it back to the caller in [`SendError::Disconnected`].
+//! The [`PendingHandle`] owns the value sent (the user's socket itself, or the duplicate
+//! `KeepOpen` made) from `send_handle` on: in `held` or `write_queue` until written, then in
+//! `in_flight` until the peer answers. An ACK drops it, closing it (the peer has its own copy); a
+//! NACK puts it back in `write_queue`; the retransmission limit or a closing channel hands it back
+//! to the caller's [`Delivery`](super::Delivery), which gives it back as the type it was sent as.
 
 use std::collections::{HashSet, VecDeque};
 use std::io::{self, IoSlice};
@@ -37,13 +38,19 @@ use super::{
     carries_handle, excerpt, queued_cost, ChannelConfig, Command, InternalMessage, Message,
     Outgoing, RecvError, SendError, Shared,
 };
-use crate::handle::{DgramType, HandleType, ReceivedHandle};
+use crate::handle::{DgramType, HandleType, Held, ReceivedHandle};
 use crate::server::socket_list::{ReceiveLists, ReplyKind};
 use crate::server::MAX_KEY_LEN;
 use crate::sys;
 
 /// Size of the read buffer: one `recvmsg` takes at most this much.
 const READ_CHUNK: usize = 256 * 1024;
+/// Smallest read when the receive budget is nearly used up.
+const MIN_READ: usize = 4 * 1024;
+/// Most bytes of `recv_buffer` one byte of input can be charged: an empty line (one byte) is
+/// reported as a `Malformed` error holding the parser's message, about 165 bytes in all. Reads
+/// are sized so that even such input cannot overshoot the budget by more than one small read.
+const MAX_EXPANSION: usize = 192;
 /// Reads per wake-up before yielding to the rest of the loop (fairness with writes).
 const READS_PER_WAKE: usize = 16;
 /// Most frames gathered into one `sendmsg`.
@@ -64,42 +71,71 @@ const REPLY_COST: usize = std::mem::size_of::<Reply>() + 32;
 /// Bytes of a peer's string kept in an error message.
 const EXCERPT: usize = 64;
 
+/// How a handle's delivery ended: acknowledged, or failed with the value given back.
+pub(crate) type Outcome = Result<(), (SendError, Box<dyn Held>)>;
+
 /// A handle that has been queued and not yet acknowledged.
-#[derive(Debug)]
 pub(crate) struct PendingHandle {
-    fd: OwnedFd,
+    /// The value sent; `None` only once it has been handed back or dropped.
+    value: Option<Box<dyn Held>>,
     attempts: u16,
-    done: Option<oneshot::Sender<Result<(), SendError>>>,
+    done: Option<oneshot::Sender<Outcome>>,
     /// Its place in the channel's descriptor budget (`send_handles`), given back when it is
     /// resolved.
     _slot: OwnedSemaphorePermit,
 }
 
+impl std::fmt::Debug for PendingHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingHandle")
+            .field("fd", &self.value.as_ref().map(|v| v.as_fd()))
+            .field("attempts", &self.attempts)
+            .finish()
+    }
+}
+
 impl PendingHandle {
     pub(crate) fn new(
-        fd: OwnedFd,
-        done: oneshot::Sender<Result<(), SendError>>,
+        value: Box<dyn Held>,
+        done: oneshot::Sender<Outcome>,
         slot: OwnedSemaphorePermit,
     ) -> PendingHandle {
-        PendingHandle { fd, attempts: 0, done: Some(done), _slot: slot }
+        PendingHandle { value: Some(value), attempts: 0, done: Some(done), _slot: slot }
     }
 
-    /// The channel closed before this handle was ever written: the error gives the fd back.
-    pub(crate) fn closed_unwritten(self) -> SendError {
-        SendError::Disconnected { handle: Some(self.fd), written: false }
+    fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.value.as_deref().expect("held until resolved").as_fd()
     }
 
-    fn finish(mut self, result: Result<(), SendError>) {
+    /// The channel closed before this handle was ever written: the value, for the caller's error.
+    pub(crate) fn into_value(mut self) -> Box<dyn Held> {
+        self.done.take();
+        self.value.take().expect("held until resolved")
+    }
+
+    /// The peer acknowledged it: drop (close) our copy, tell the caller.
+    fn acknowledged(mut self) {
+        self.value.take();
         if let Some(done) = self.done.take() {
-            let _ = done.send(result);
+            let _ = done.send(Ok(()));
         }
     }
 
-    /// The channel closed: tell the caller and give the descriptor back.
-    fn fail_closed(self, written: bool) {
-        let PendingHandle { fd, done, .. } = self;
-        if let Some(done) = done {
-            let _ = done.send(Err(SendError::Disconnected { handle: Some(fd), written }));
+    /// It will not be delivered: hand the value back to the caller with the reason.
+    fn fail(mut self, error: SendError) {
+        if let (Some(done), Some(value)) = (self.done.take(), self.value.take()) {
+            // If the caller dropped its Delivery, the value comes back here and is dropped.
+            let _ = done.send(Err((error, value)));
+        }
+    }
+}
+
+impl Drop for PendingHandle {
+    /// Never resolved (the driver went away without closing, e.g. it panicked): the caller still
+    /// gets its value back.
+    fn drop(&mut self) {
+        if let (Some(done), Some(value)) = (self.done.take(), self.value.take()) {
+            let _ = done.send(Err((SendError::Closed, value)));
         }
     }
 }
@@ -220,7 +256,7 @@ impl Driver {
     ) -> Driver {
         Driver {
             stream,
-            decoder: Decoder::new(config.max_frame_len),
+            decoder: Decoder::new(config.max_frame_len).with_max_depth(config.max_depth),
             config,
             shared,
             commands,
@@ -245,10 +281,11 @@ impl Driver {
         }
     }
 
-    /// Drives the channel until it closes. If the future is dropped first (the runtime shut
-    /// down: `main` returned), what is still queued is written synchronously, for at most
-    /// [`ChannelConfig::linger`], before the channel closes.
-    pub(crate) async fn run(self) {
+    /// Drives the channel until it closes. If the future is dropped first — even before it was
+    /// ever polled (the runtime shut down: `main` returned right after sending) — what is still
+    /// queued is written synchronously, for at most [`ChannelConfig::linger`], before the
+    /// channel closes.
+    pub(crate) fn run(self) -> impl std::future::Future<Output = ()> + Send + 'static {
         /// Owns the driver while it runs; dropped early, it lingers.
         struct Running(Option<Driver>);
         impl Drop for Running {
@@ -259,9 +296,13 @@ impl Driver {
                 }
             }
         }
+        // Made here, not inside the async block, so that it exists (and lingers when dropped)
+        // from the moment the future is created.
         let mut running = Running(Some(self));
-        running.0.as_mut().expect("set above").run_loop().await;
-        running.0.take().expect("set above").close();
+        async move {
+            running.0.as_mut().expect("set above").run_loop().await;
+            running.0.take().expect("set above").close();
+        }
     }
 
     async fn run_loop(&mut self) {
@@ -286,8 +327,9 @@ impl Driver {
                 break;
             }
             let want_write = self.has_unwritten() && !self.peer_gone;
-            let recv_full = self.recv_full();
-            let may_read = !recv_full && !self.replies_full();
+            let may_read = self.may_read();
+            // Not reading for want of room in the receive queue: wake when the user takes some.
+            let recv_full = !may_read && self.recv_full();
             tokio::select! {
                 biased;
                 command = self.commands.recv(), if self.commands_open => match command {
@@ -321,14 +363,15 @@ impl Driver {
     fn linger(&mut self) {
         self.lingering = true;
         self.absorb_commands();
-        let deadline = std::time::Instant::now() + self.config.linger;
+        let deadline = linger_deadline(self.config.linger);
         while !self.finished && !self.peer_gone {
             if let Err(e) = self.write_ready() {
                 tracing::debug!(error = %e, "handoff channel: writing at exit failed");
                 return;
             }
-            // Frames held behind a handle move on only when its acknowledgement is read.
-            let want_read = !self.held.is_empty();
+            // Frames held behind a handle move on only when its acknowledgement is read; reading
+            // keeps to the same bounds as ever.
+            let want_read = !self.held.is_empty() && self.may_read();
             let want_write = self.has_unwritten();
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             if (!want_write && !want_read) || self.peer_gone || left.is_zero() {
@@ -353,9 +396,39 @@ impl Driver {
     /// will ever drain it: then it never counts, or the channel would never read (and ACK, and see
     /// end-of-file) again.
     fn recv_full(&self) -> bool {
-        !self.messages.is_closed()
-            && (self.shared.recv_queued.load(Ordering::SeqCst) >= self.config.recv_buffer
-                || self.shared.recv_handles_queued.load(Ordering::SeqCst) >= self.config.recv_handles)
+        self.recv_room() == 0
+    }
+
+    /// Bytes the receiver's queue may still take (`usize::MAX` with no receiver), 0 when it is at
+    /// its byte or descriptor budget.
+    ///
+    /// While one of our handles awaits the peer's acknowledgement, both budgets double: the
+    /// acknowledgement may sit behind what the peer sent since, and a user who awaits that
+    /// delivery before receiving would otherwise wait forever (the peer, Node included, goes on
+    /// sending as long as we read). A peer that withholds the acknowledgement still gets no more
+    /// than twice the budgets.
+    fn recv_room(&self) -> usize {
+        if self.messages.is_closed() {
+            return usize::MAX;
+        }
+        let factor = if self.in_flight.is_empty() { 1 } else { 2 };
+        let handles = self.shared.recv_handles_queued.load(Ordering::SeqCst);
+        if handles >= factor * self.config.recv_handles {
+            return 0;
+        }
+        let queued = self.shared.recv_queued.load(Ordering::SeqCst);
+        (factor * self.config.recv_buffer).saturating_sub(queued)
+    }
+
+    /// Whether to read now: room in the receive queue and in the replies we owe.
+    fn may_read(&self) -> bool {
+        !self.recv_full() && !self.replies_full()
+    }
+
+    /// How much one read may take: all of the buffer while the receive queue has room for what
+    /// it could expand to, less as the queue fills (see [`MAX_EXPANSION`]).
+    fn read_limit(&self) -> usize {
+        (self.recv_room() / MAX_EXPANSION).clamp(MIN_READ, READ_CHUNK)
     }
 
     /// We owe the peer as many replies as we hold for it: read no more requests until it reads.
@@ -520,7 +593,7 @@ impl Driver {
                 // A handle frame starts its own sendmsg, carrying the fd with its first byte, and
                 // nothing after it rides on that sendmsg (the receiver binds fds to the last
                 // handle frame starting in a read).
-                self.send(&[IoSlice::new(&front.bytes)], &[handle.fd.as_fd()])
+                self.send(&[IoSlice::new(&front.bytes)], &[handle.fd()])
             } else if front.bytes.len() - self.front_written < SMALL_FRAME {
                 // Small frames are copied into one buffer: the kernel's per-segment cost for a
                 // writev of many tiny iovecs is far above a userspace memcpy.
@@ -601,12 +674,13 @@ impl Driver {
     fn read_ready(&mut self) {
         for i in 0..READS_PER_WAKE {
             // A budget filled by the last read: stop here, the peer's bytes wait in the kernel.
-            if i > 0 && (self.recv_full() || self.replies_full()) {
+            if i > 0 && !self.may_read() {
                 return;
             }
+            let limit = self.read_limit();
             let mut fds = Vec::new();
             let mut drained_read = None;
-            let buf = &mut self.read_buf;
+            let buf = &mut self.read_buf[..limit];
             let stream = &self.stream;
             let mut read = || {
                 let received = sys::recv_with_fds(stream.as_fd(), buf, &mut fds)?;
@@ -641,7 +715,7 @@ impl Driver {
                         self.on_decoded(item);
                     }
                     self.decoded = decoded;
-                    if drained || received.len < self.read_buf.len() {
+                    if drained || received.len < limit {
                         // Drained (or stopped at descriptors): let the loop write replies
                         // before reading on.
                         return;
@@ -740,7 +814,7 @@ impl Driver {
             return;
         };
         self.handles_outstanding -= 1;
-        acked.handle.finish(Ok(()));
+        acked.handle.acknowledged();
         self.release_held();
     }
 
@@ -753,7 +827,7 @@ impl Driver {
         if handle.attempts > u16::from(self.config.max_retransmits) {
             self.handles_outstanding -= 1;
             let attempts = handle.attempts;
-            handle.finish(Err(SendError::NotDelivered { attempts }));
+            handle.fail(SendError::NotDelivered { attempts });
             self.release_held();
             return;
         }
@@ -769,7 +843,7 @@ impl Driver {
             #[serde(default)]
             count: usize,
         }
-        let message = match serde_json::from_str::<SocketListMessage>(text) {
+        let message = match super::json::from_str::<SocketListMessage>(text) {
             Ok(message) if message.key.len() <= MAX_KEY_LEN => message,
             Ok(message) => {
                 let reason = format!(
@@ -790,7 +864,8 @@ impl Driver {
         match cmd {
             "NODE_SOCKET_GET_COUNT" => self.push_reply(Reply::Count(key.into())),
             "NODE_SOCKET_NOTIFY_CLOSE" => {
-                self.next_close_check = Instant::now() + CLOSE_POLL;
+                // Checked within CLOSE_POLL; a check already due sooner (for another key) stays.
+                self.next_close_check = self.next_close_check.min(Instant::now() + CLOSE_POLL);
                 if self.socket_lists.request_close(&key) {
                     self.push_reply(Reply::AllClosed(key.into()));
                 }
@@ -855,14 +930,14 @@ impl Driver {
         }
         for (outgoing, partly_written) in unwritten {
             if let Some(handle) = outgoing.handle {
-                handle.fail_closed(partly_written);
+                handle.fail(SendError::Disconnected { written: partly_written });
             }
             if let Some(written) = outgoing.written {
                 let _ = written.send(Err(SendError::Closed));
             }
         }
         for in_flight in self.in_flight.drain(..) {
-            in_flight.handle.fail_closed(true);
+            in_flight.handle.fail(SendError::Disconnected { written: true });
         }
         drop(self.stream);
         self.shared.replies.close();
@@ -901,6 +976,25 @@ fn check_handle(envelope: &HandleEnvelope, fd: OwnedFd) -> Result<ReceivedHandle
         _ => None,
     };
     Ok(ReceivedHandle { handle_type, kind, fd, key: envelope.key.clone(), dgram_type })
+}
+
+/// When lingering channels must give up: `linger` from now, or the deadline of another channel
+/// already lingering in the same shutdown, whichever comes first — so a process with many
+/// channels waits at most about `linger` in all, not once per channel.
+fn linger_deadline(linger: std::time::Duration) -> std::time::Instant {
+    use std::sync::Mutex;
+    static SHARED: Mutex<Option<std::time::Instant>> = Mutex::new(None);
+    let now = std::time::Instant::now();
+    let mut shared = SHARED.lock().unwrap_or_else(|p| p.into_inner());
+    let own = now + linger;
+    match *shared {
+        // Another channel of this shutdown is lingering until then.
+        Some(deadline) if deadline > now => deadline.min(own),
+        _ => {
+            *shared = Some(own);
+            own
+        }
+    }
 }
 
 /// Write errors that mean the peer has closed its end of the channel.

@@ -56,7 +56,7 @@ pub(crate) fn reserved_cmd(frame: &[u8]) -> Option<String> {
         std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"cmd\":\"NODE_"));
     NEEDLE.find(frame)?;
     let text = std::str::from_utf8(frame).ok()?;
-    super::frame::probe(text.trim_end()).ok().flatten()
+    super::frame::probe(text.trim_end(), usize::MAX).ok().flatten()
 }
 
 /// Commands handoff itself speaks; user code may not send them.
@@ -126,12 +126,13 @@ impl std::fmt::Display for EnvelopeError {
 /// Each level costs a parse of what is inside it, and there are at most [`MAX_UNWRAP`] levels, so
 /// the work is linear in the frame's size.
 pub(crate) fn parse_handle(text: &str) -> Result<HandleEnvelope, EnvelopeError> {
-    let mut raw: RawEnvelope<'_> = serde_json::from_str(text).map_err(EnvelopeError::Shape)?;
+    // The frame's depth was bounded by the decoder already.
+    let mut raw: RawEnvelope<'_> = super::json::from_str(text).map_err(EnvelopeError::Shape)?;
     let mut unwrapped = 0;
     loop {
         let inner = raw.msg.map(RawValue::get).unwrap_or("null");
         let nested = raw.handle_type.as_deref() == Some("net.Native")
-            && super::frame::probe(inner).ok().flatten().as_deref() == Some("NODE_HANDLE");
+            && super::frame::probe(inner, usize::MAX).ok().flatten().as_deref() == Some("NODE_HANDLE");
         if !nested {
             return Ok(HandleEnvelope {
                 handle_type: raw.handle_type.unwrap_or_default(),
@@ -144,7 +145,7 @@ pub(crate) fn parse_handle(text: &str) -> Result<HandleEnvelope, EnvelopeError> 
         if unwrapped == MAX_UNWRAP {
             return Err(EnvelopeError::TooDeep);
         }
-        raw = serde_json::from_str(inner).map_err(EnvelopeError::Shape)?;
+        raw = super::json::from_str(inner).map_err(EnvelopeError::Shape)?;
         unwrapped += 1;
     }
 }

@@ -55,8 +55,11 @@ use std::os::fd::OwnedFd;
 
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 
+use super::json;
+
 /// Default largest frame the decoder accepts: 64 MiB.
 pub const DEFAULT_MAX_FRAME_LEN: usize = 64 * 1024 * 1024;
+pub use super::json::DEFAULT_MAX_DEPTH;
 
 /// The `cmd` of a handle-carrying message.
 pub(crate) const NODE_HANDLE: &str = "NODE_HANDLE";
@@ -143,6 +146,15 @@ pub enum FrameError {
         /// Why they belonged to no frame.
         reason: StrayReason,
     },
+    /// A line nested (arrays and objects) deeper than the configured maximum; it was discarded.
+    #[error(
+        "message from peer nests deeper than the {limit}-level limit and was discarded; raise \
+         ChannelConfig::max_depth if such messages are expected"
+    )]
+    TooDeep {
+        /// The limit in force.
+        limit: usize,
+    },
     /// The channel ended in the middle of a line.
     #[error("peer closed the channel in the middle of a message ({len} bytes received)")]
     Truncated {
@@ -164,6 +176,7 @@ pub enum Decoded {
 #[derive(Debug)]
 pub struct Decoder {
     max_frame_len: usize,
+    max_depth: usize,
     /// Bytes of the frame in progress (it started in an earlier read).
     partial: Vec<u8>,
     /// Discarding an over-long frame up to its terminating newline.
@@ -203,7 +216,21 @@ impl Decoder {
     /// A decoder that refuses lines longer than `max_frame_len` bytes, counting every byte before
     /// the `\n` (so the `\r` of a `\r\n` ending counts).
     pub fn new(max_frame_len: usize) -> Decoder {
-        Decoder { max_frame_len, partial: Vec::new(), skipping: false, pending: None }
+        Decoder {
+            max_frame_len,
+            max_depth: DEFAULT_MAX_DEPTH,
+            partial: Vec::new(),
+            skipping: false,
+            pending: None,
+        }
+    }
+
+    /// Refuses lines nesting arrays and objects deeper than `levels` ([`FrameError::TooDeep`]);
+    /// default [`DEFAULT_MAX_DEPTH`]. Any depth up to it is parsed safely (the stack grows as
+    /// needed).
+    pub fn with_max_depth(mut self, levels: usize) -> Decoder {
+        self.max_depth = levels;
+        self
     }
 
     /// Bytes of an incomplete frame held from earlier reads. Complete frames held back until a
@@ -395,11 +422,11 @@ impl Decoder {
             self.partial = Vec::new();
             Decoded::Error(FrameError::TooLarge { limit: self.max_frame_len })
         } else if self.partial.is_empty() {
-            parse_frame(tail)
+            parse_frame(tail, self.max_depth)
         } else {
             let mut line = std::mem::take(&mut self.partial);
             line.extend_from_slice(tail);
-            parse_owned_frame(line)
+            parse_owned_frame(line, self.max_depth)
         };
         self.emit(item, out);
     }
@@ -413,26 +440,27 @@ fn stray(out: &mut Vec<Decoded>, fds: Vec<OwnedFd>, reason: StrayReason) {
 
 /// Like [`parse_frame`] for a line assembled in a buffer we own: valid text becomes the frame's
 /// `String` without another copy (large messages span reads, so this is their usual path).
-fn parse_owned_frame(line: Vec<u8>) -> Decoded {
+fn parse_owned_frame(line: Vec<u8>, max_depth: usize) -> Decoded {
     match String::from_utf8(line) {
         Ok(mut text) => {
             let len = text.trim_end_matches('\r').len();
-            match probe(&text[..len]) {
+            match probe(&text[..len], max_depth) {
                 Ok(internal_cmd) => {
                     text.truncate(len);
                     Decoded::Frame(Frame { text, internal_cmd, fd: None })
                 }
-                // Repairable (lone surrogates) or malformed: the general path says which.
-                Err(_) => parse_frame(text.as_bytes()),
+                // Too deep, repairable (lone surrogates) or malformed: the general path says
+                // which.
+                Err(_) => parse_frame(text.as_bytes(), max_depth),
             }
         }
-        Err(invalid) => parse_frame(invalid.as_bytes()),
+        Err(invalid) => parse_frame(invalid.as_bytes(), max_depth),
     }
 }
 
 /// Parses one complete line into a frame (without a descriptor yet) or an error.
-fn parse_frame(line: &[u8]) -> Decoded {
-    match parse_line(line) {
+fn parse_frame(line: &[u8], max_depth: usize) -> Decoded {
+    match parse_line(line, max_depth) {
         Ok((text, internal_cmd)) => Decoded::Frame(Frame { text, internal_cmd, fd: None }),
         Err(error) => Decoded::Error(error),
     }
@@ -441,17 +469,21 @@ fn parse_frame(line: &[u8]) -> Decoded {
 /// Validates one line as JSON and reports whether it is an internal message.
 ///
 /// Returns the (possibly repaired) text and the internal `cmd`, if any.
-pub(crate) fn parse_line(line: &[u8]) -> Result<(String, Option<String>), FrameError> {
+pub(crate) fn parse_line(
+    line: &[u8],
+    max_depth: usize,
+) -> Result<(String, Option<String>), FrameError> {
     let text = match std::str::from_utf8(line) {
         Ok(s) => Cow::Borrowed(s),
         Err(_) => String::from_utf8_lossy(line),
     };
     let text = text.trim_end_matches('\r');
-    match probe(text) {
+    match probe(text, max_depth) {
         Ok(cmd) => Ok((text.to_owned(), cmd)),
-        Err(first) => {
+        Err(json::Refused::TooDeep) => Err(FrameError::TooDeep { limit: max_depth }),
+        Err(json::Refused::Json(first)) => {
             if let Some(repaired) = replace_lone_surrogates(text) {
-                if let Ok(cmd) = probe(&repaired) {
+                if let Ok(cmd) = probe(&repaired, max_depth) {
                     return Ok((repaired, cmd));
                 }
             }
@@ -467,10 +499,8 @@ pub(crate) fn parse_line(line: &[u8]) -> Result<(String, Option<String>), FrameE
 
 /// Parses `text` as one JSON value without building it, returning the internal `cmd` if the
 /// value is an internal message.
-pub(crate) fn probe(text: &str) -> Result<Option<String>, serde_json::Error> {
-    let mut de = serde_json::Deserializer::from_str(text);
-    let probe = de.deserialize_any(ProbeVisitor)?;
-    de.end()?;
+pub(crate) fn probe(text: &str, max_depth: usize) -> Result<Option<String>, json::Refused> {
+    let probe = json::deserialize_any_within(text, ProbeVisitor, max_depth)?;
     Ok(probe.filter(|cmd| is_internal_cmd(cmd)))
 }
 
@@ -480,6 +510,7 @@ pub(crate) fn is_internal_cmd(cmd: &str) -> bool {
 }
 
 /// Walks any JSON value; for an object, remembers its (last) string `cmd`.
+#[derive(Clone, Copy)]
 struct ProbeVisitor;
 
 impl<'de> Visitor<'de> for ProbeVisitor {
@@ -760,7 +791,7 @@ mod tests {
             (r#"{"cmd":"fooNODE_"}"#, None),
             (r#"["NODE_X"]"#, None),
         ] {
-            assert_eq!(probe(text).unwrap().as_deref(), internal, "{text}");
+            assert_eq!(probe(text, DEFAULT_MAX_DEPTH).unwrap().as_deref(), internal, "{text}");
         }
     }
 

@@ -21,6 +21,7 @@
 mod driver;
 mod envelope;
 pub mod frame;
+pub mod json;
 mod observe;
 
 use std::future::Future;
@@ -39,6 +40,11 @@ use crate::handle::{HandleError, IntoWire, ReceivedHandle};
 pub use frame::{FrameError, StrayReason};
 pub use observe::{InternalMessages, OBSERVER_BUFFER, OBSERVER_MESSAGES};
 
+/// The error for a handle that was never queued: the value goes straight back.
+fn unsent<H: IntoWire>(error: SendError, handle: H) -> SendHandleError<H::Back> {
+    SendHandleError { error, handle: handle.unsent() }
+}
+
 /// What one queued frame costs beyond its bytes, charged against
 /// [`ChannelConfig::send_buffer`]: the queue entry, the command that carried it to the driver, and
 /// the allocation's own bookkeeping.
@@ -54,15 +60,21 @@ pub const FRAME_OVERHEAD: usize =
 /// | what | bound (default) |
 /// |---|---|
 /// | a message being assembled | [`max_frame_len`](Self::max_frame_len) (64 MiB) |
-/// | received messages and errors not yet taken, charged what they hold | [`recv_buffer`](Self::recv_buffer) (16 MiB), plus one read (256 KiB) |
+/// | nesting depth of a message | [`max_depth`](Self::max_depth) (1,000) |
+/// | received messages and errors not yet taken, charged what they hold | [`recv_buffer`](Self::recv_buffer) (16 MiB), plus at most 0.75 MiB |
 /// | received handles not yet taken (one descriptor each) | [`recv_handles`](Self::recv_handles) (128), plus one read's descriptors (at most 253) |
 /// | protocol replies (ACK/NACK, socket counts) the peer has not read | [`reply_buffer`](Self::reply_buffer) (64 KiB), plus the replies to one read |
 /// | internal messages per [`internal_messages`](Sender::internal_messages) observer | [`OBSERVER_BUFFER`] (1 MiB) and [`OBSERVER_MESSAGES`] (256) |
 /// | sent messages the peer has not read, charged bytes + [`FRAME_OVERHEAD`] | [`send_buffer`](Self::send_buffer) (4 MiB), or one larger message |
 /// | sent handles not yet acknowledged (one descriptor each) | [`send_handles`](Self::send_handles) (128) |
+///
+/// While one of our handles awaits the peer's acknowledgement, `recv_buffer` and
+/// `recv_handles` double: the acknowledgement may sit behind what the peer sent since, and a task
+/// that awaits the delivery before receiving would otherwise wait forever.
 #[derive(Debug, Clone)]
 pub struct ChannelConfig {
     max_frame_len: usize,
+    max_depth: usize,
     send_buffer: usize,
     recv_buffer: usize,
     reply_buffer: usize,
@@ -77,6 +89,7 @@ impl Default for ChannelConfig {
     fn default() -> Self {
         ChannelConfig {
             max_frame_len: frame::DEFAULT_MAX_FRAME_LEN,
+            max_depth: json::DEFAULT_MAX_DEPTH,
             send_buffer: 4 * 1024 * 1024,
             recv_buffer: 16 * 1024 * 1024,
             reply_buffer: 64 * 1024,
@@ -94,6 +107,16 @@ impl ChannelConfig {
     /// discarded and reported as [`FrameError::TooLarge`]; memory stays bounded by this figure.
     pub fn max_frame_len(mut self, bytes: usize) -> Self {
         self.max_frame_len = bytes.max(1);
+        self
+    }
+    /// Deepest nesting of arrays and objects accepted from the peer (default 1,000; plain
+    /// `serde_json` stops at 128). A deeper message is discarded and reported as
+    /// [`FrameError::TooDeep`]. handoff parses any depth up to it safely, and [`Message::value`] /
+    /// [`Message::deserialize`] read it too. Node's `JSON.stringify` can write up to ~4,000
+    /// levels; before raising the limit that far, mind that dropping a `serde_json::Value` that
+    /// deep needs a large stack (see [`json::DEFAULT_MAX_DEPTH`]).
+    pub fn max_depth(mut self, levels: usize) -> Self {
+        self.max_depth = levels.max(1);
         self
     }
     /// Bytes of queued, unwritten messages after which `send` waits (default 4 MiB): the
@@ -173,11 +196,12 @@ impl Message {
     /// Fails only for JSON that `serde_json` cannot represent as a `Value` although it validated
     /// it (none is known); it never panics.
     pub fn value(&self) -> Result<serde_json::Value, serde_json::Error> {
-        serde_json::from_str(&self.json)
+        json::from_str(&self.json)
     }
-    /// The message parsed as `T`.
+    /// The message parsed as `T` (at any depth the channel accepted, unlike `serde_json`'s
+    /// 128-level default).
     pub fn deserialize<T: DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
-        serde_json::from_str(&self.json)
+        json::from_str(&self.json)
     }
     /// The handle that came with the message.
     pub fn handle(&self) -> Option<&ReceivedHandle> {
@@ -207,7 +231,7 @@ impl InternalMessage {
     }
     /// The message parsed as a [`serde_json::Value`].
     pub fn value(&self) -> Result<serde_json::Value, serde_json::Error> {
-        serde_json::from_str(&self.json)
+        json::from_str(&self.json)
     }
     /// Whether a descriptor came with it.
     pub fn had_fd(&self) -> bool {
@@ -238,24 +262,21 @@ pub enum SendError {
     /// The handle cannot be sent; nothing was written.
     #[error(transparent)]
     Handle(#[from] HandleError),
-    /// The peer answered `NODE_HANDLE_NACK` to every attempt; the descriptor has been closed.
+    /// The peer answered `NODE_HANDLE_NACK` to every attempt.
     #[error(
         "the peer did not receive the handle after {attempts} attempts (NODE_HANDLE_NACK each \
-         time); the handle was closed"
+         time)"
     )]
     NotDelivered {
         /// How many times it was written.
         attempts: u16,
     },
-    /// The channel closed before the peer acknowledged the handle. The descriptor is given back.
+    /// The channel closed before the peer acknowledged the handle.
     #[error(
-        "the IPC channel closed before the peer acknowledged the handle ({}); the handle is \
-         returned in this error",
+        "the IPC channel closed before the peer acknowledged the handle ({})",
         if *written { "it had been written, so the peer may hold a copy" } else { "it was never written" }
     )]
     Disconnected {
-        /// The handle's descriptor, still open.
-        handle: Option<OwnedFd>,
         /// Whether it had been written (the peer may then have it too).
         written: bool,
     },
@@ -318,16 +339,61 @@ pub enum RecvError {
     },
 }
 
-/// A handle's delivery: resolves when the peer acknowledges it, or with the reason it was not.
+/// A handle that could not be sent or delivered, and the handle itself, given back as it was sent
+/// (`()` for [`KeepOpen`](crate::handle::KeepOpen): yours never left you). Nothing is closed
+/// behind your back, so a retry is one line:
 ///
-/// Dropping it does not cancel the delivery.
-#[derive(Debug)]
-pub struct Delivery(oneshot::Receiver<Result<(), SendError>>);
+/// ```no_run
+/// # async fn f(a: &handoff::Sender, b: &handoff::Sender, socket: tokio::net::TcpStream)
+/// # -> Result<(), handoff::SendHandleError<tokio::net::TcpStream>> {
+/// if let Err(failed) = a.send_handle(&"socket", socket).await {
+///     eprintln!("{failed}; trying the other child");
+///     b.send_handle(&"socket", failed.handle).await?;
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Debug, thiserror::Error)]
+#[error("{error}; the handle is given back in this error")]
+pub struct SendHandleError<H> {
+    /// What went wrong.
+    #[source]
+    pub error: SendError,
+    /// The handle, as it was sent.
+    pub handle: H,
+}
 
-impl Future for Delivery {
-    type Output = Result<(), SendError>;
+impl<H> SendHandleError<H> {
+    /// The reason and the handle.
+    pub fn into_parts(self) -> (SendError, H) {
+        (self.error, self.handle)
+    }
+}
+
+/// A handle's delivery: resolves when the peer acknowledges it, or with the reason it was not
+/// and the handle given back.
+///
+/// Dropping it does not cancel the delivery (a handle that then fails is dropped).
+pub struct Delivery<H> {
+    outcome: oneshot::Receiver<driver::Outcome>,
+    give_back: fn(Box<dyn crate::handle::Held>) -> H,
+}
+
+impl<H> std::fmt::Debug for Delivery<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery").finish_non_exhaustive()
+    }
+}
+
+impl<H> Future for Delivery<H> {
+    type Output = Result<(), SendHandleError<H>>;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Pin::new(&mut self.0).poll(cx).map(|r| r.unwrap_or(Err(SendError::Closed)))
+        let give_back = self.give_back;
+        Pin::new(&mut self.outcome).poll(cx).map(|outcome| match outcome {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err((error, value))) => Err(SendHandleError { error, handle: give_back(value) }),
+            // The pending handle always reports (its Drop does, at the latest), with the value.
+            Err(_) => unreachable!("a pending handle resolves its delivery before it is dropped"),
+        })
     }
 }
 
@@ -423,7 +489,7 @@ pub struct Receiver {
 /// let first = b.recv().await.unwrap().unwrap();
 /// assert_eq!(first.value().unwrap()["hello"], "world");
 /// let mut second = b.recv().await.unwrap().unwrap();
-/// let shared: tokio::net::TcpListener = second.take_handle().unwrap().into().unwrap();
+/// let shared: tokio::net::TcpListener = second.take_handle().unwrap().try_into().unwrap();
 /// assert_eq!(shared.local_addr()?, listener.local_addr()?);
 /// # Ok(()) }
 /// ```
@@ -499,18 +565,6 @@ impl Channel {
         (self.sender, self.receiver)
     }
 
-    /// See [`Sender::send`].
-    pub async fn send<T: Serialize + ?Sized>(&self, message: &T) -> Result<(), SendError> {
-        self.sender.send(message).await
-    }
-    /// See [`Sender::send_handle`].
-    pub async fn send_handle<T: Serialize + ?Sized>(
-        &self,
-        message: &T,
-        handle: impl IntoWire,
-    ) -> Result<(), SendError> {
-        self.sender.send_handle(message, handle).await
-    }
     /// See [`Receiver::recv`].
     pub async fn recv(&mut self) -> Option<Result<Message, RecvError>> {
         self.receiver.recv().await
@@ -521,13 +575,14 @@ impl Channel {
     ) -> Option<Result<(T, Option<ReceivedHandle>), RecvError>> {
         self.receiver.recv_as().await
     }
-    /// See [`Sender::disconnect`].
-    pub fn disconnect(&self) {
-        self.sender.disconnect()
-    }
-    /// See [`Sender::is_connected`].
-    pub fn is_connected(&self) -> bool {
-        self.sender.is_connected()
+}
+
+/// A channel is its sender too: every [`Sender`] method (`send`, `send_handle`, `queue_handle`,
+/// `flush`, `disconnect`, ...) works on it directly.
+impl std::ops::Deref for Channel {
+    type Target = Sender;
+    fn deref(&self) -> &Sender {
+        &self.sender
     }
 }
 
@@ -548,7 +603,7 @@ impl Sender {
         if let Some(cmd) = envelope::reserved_cmd(&bytes) {
             return Err(SendError::Reserved { cmd });
         }
-        self.enqueue(bytes, None, None).await
+        self.enqueue(bytes, None, None).await.map_err(|(error, _)| error)
     }
 
     /// Queues an internal message (`cmd` starting with `NODE_`) that handoff does not manage
@@ -563,67 +618,79 @@ impl Sender {
             return Err(SendError::Reserved { cmd: cmd.to_owned() });
         }
         let bytes = frame::encode(message).map_err(SendError::Serialize)?;
-        self.enqueue(bytes, None, None).await
+        self.enqueue(bytes, None, None).await.map_err(|(error, _)| error)
     }
 
     /// Sends `message` with `handle` and waits until the peer acknowledges it.
     ///
-    /// `handle` by value is moved and closed after the acknowledgement; wrapped in
+    /// `handle` by value is held until the acknowledgement, then dropped (closing it); wrapped in
     /// [`KeepOpen`](crate::handle::KeepOpen), a duplicate is sent and yours stays open (Node's
-    /// `keepOpen`). See [`crate::handle`].
+    /// `keepOpen`). See [`crate::handle`]. Whatever fails, the error gives the handle back as it
+    /// was sent ([`SendHandleError`]).
     ///
     /// # Cancel safety
     /// Not cancel safe: once queued, the handle is sent even if this future is dropped; use
     /// [`queue_handle`](Sender::queue_handle) to keep track of it.
-    pub async fn send_handle<T: Serialize + ?Sized>(
+    pub async fn send_handle<T: Serialize + ?Sized, H: IntoWire>(
         &self,
         message: &T,
-        handle: impl IntoWire,
-    ) -> Result<(), SendError> {
+        handle: H,
+    ) -> Result<(), SendHandleError<H::Back>> {
         self.queue_handle(message, handle).await?.await
     }
 
     /// Queues `message` with `handle` and returns a [`Delivery`] that resolves on the peer's
     /// acknowledgement. Lets several handles be queued (and, with
-    /// [`ChannelConfig::handle_window`], pipelined) without waiting for each.
+    /// [`ChannelConfig::handle_window`], pipelined) without waiting for each. Waits while
+    /// [`ChannelConfig::send_handles`] handles are unacknowledged.
     ///
     /// # Cancel safety
     /// Cancel safe: if dropped before it completes, nothing was queued and the handle was dropped.
-    pub async fn queue_handle<T: Serialize + ?Sized>(
+    pub async fn queue_handle<T: Serialize + ?Sized, H: IntoWire>(
         &self,
         message: &T,
-        handle: impl IntoWire,
-    ) -> Result<Delivery, SendError> {
-        let msg = frame::encode_json(message).map_err(SendError::Serialize)?;
+        handle: H,
+    ) -> Result<Delivery<H::Back>, SendHandleError<H::Back>> {
+        let msg = match frame::encode_json(message) {
+            Ok(msg) => msg,
+            Err(e) => return Err(unsent(SendError::Serialize(e), handle)),
+        };
         // A Node receiver hands `msg` on as an internal message if its `cmd` is one: refuse it
         // here as `send` does (an unsolicited ACK inside `msg` kills the peer).
         if let Some(cmd) = envelope::reserved_cmd(&msg) {
-            return Err(SendError::Reserved { cmd });
+            return Err(unsent(SendError::Reserved { cmd }, handle));
         }
-        let mut wire = handle.into_wire_handle()?;
-        // One descriptor slot per handle until it is resolved: a peer that stops answering
-        // makes this wait instead of pinning a descriptor per call.
+        if !self.is_connected() {
+            return Err(unsent(SendError::Disconnected { written: false }, handle));
+        }
+        // One descriptor slot per handle until it is resolved, taken before anything is
+        // prepared (a KeepOpen duplicate is made only once there is room): a peer that stops
+        // answering makes this wait instead of pinning a descriptor per call.
         let slot = match self.shared.handle_budget.clone().try_acquire_owned() {
-            Ok(slot) => slot,
+            Ok(slot) => Ok(slot),
             Err(tokio::sync::TryAcquireError::NoPermits) => {
-                match self.shared.handle_budget.clone().acquire_owned().await {
-                    Ok(slot) => slot,
-                    Err(_) => return Err(SendError::Disconnected { handle: Some(wire.fd), written: false }),
-                }
+                self.shared.handle_budget.clone().acquire_owned().await.map_err(|_| ())
             }
-            Err(tokio::sync::TryAcquireError::Closed) => {
-                return Err(SendError::Disconnected { handle: Some(wire.fd), written: false })
-            }
+            Err(tokio::sync::TryAcquireError::Closed) => Err(()),
         };
+        let Ok(slot) = slot else {
+            return Err(unsent(SendError::Disconnected { written: false }, handle));
+        };
+        let mut wire = handle
+            .into_wire()
+            .map_err(|(error, handle)| SendHandleError { error: SendError::Handle(error), handle })?;
         if let Some(server) = wire.server.take() {
             // First keyed socket on this channel: the server will ask it for counts.
             server.add_channel(self);
         }
         let bytes = envelope::encode_handle(&msg, &wire);
-        let (done, delivery) = oneshot::channel();
-        let pending = driver::PendingHandle::new(wire.fd, done, slot);
-        self.enqueue(bytes, Some(pending), None).await?;
-        Ok(Delivery(delivery))
+        let (done, outcome) = oneshot::channel();
+        let pending = driver::PendingHandle::new(wire.held, done, slot);
+        if let Err((error, pending)) = self.enqueue(bytes, Some(pending), None).await {
+            let handle = H::give_back(pending.expect("given back with its handle").into_value());
+            return Err(SendHandleError { error, handle });
+        }
+        Ok(Delivery { outcome, give_back: H::give_back })
     }
 
     /// Waits until every message queued so far has been written to the channel.
@@ -632,7 +699,7 @@ impl Sender {
     /// Cancel safe: dropping it only stops the waiting.
     pub async fn flush(&self) -> Result<(), SendError> {
         let (tx, rx) = oneshot::channel();
-        self.enqueue(Vec::new(), None, Some(tx)).await?;
+        self.enqueue(Vec::new(), None, Some(tx)).await.map_err(|(error, _)| error)?;
         rx.await.unwrap_or(Err(SendError::Closed))
     }
 
@@ -669,6 +736,12 @@ impl Sender {
     /// Who is at the other end of the channel, as error messages name it.
     pub fn peer(&self) -> &str {
         self.shared.peer.get().map_or("the peer process", String::as_str)
+    }
+
+    /// The process at the other end is known to have exited: refuse new sends (nobody will read
+    /// them), while what it sent before can still be received.
+    pub(crate) fn peer_exited(&self) {
+        self.shared.connected.store(false, Ordering::SeqCst);
     }
 
     pub(crate) fn set_peer(&self, peer: String) {
@@ -708,14 +781,23 @@ impl Sender {
         reply.await.ok()
     }
 
+    /// Queues a frame in order, waiting for `send_buffer` room. On failure the pending handle,
+    /// if any, comes back with the error.
     async fn enqueue(
         &self,
         bytes: Vec<u8>,
         handle: Option<driver::PendingHandle>,
         written: Option<oneshot::Sender<Result<(), SendError>>>,
-    ) -> Result<(), SendError> {
+    ) -> Result<(), (SendError, Option<driver::PendingHandle>)> {
+        let closed = |handle: Option<driver::PendingHandle>| {
+            let error = match handle {
+                Some(_) => SendError::Disconnected { written: false },
+                None => SendError::Closed,
+            };
+            (error, handle)
+        };
         if !self.is_connected() {
-            return Err(handle.map_or(SendError::Closed, |h| h.closed_unwritten()));
+            return Err(closed(handle));
         }
         let permits = (bytes.capacity() + FRAME_OVERHEAD).min(self.shared.send_buffer) as u32;
         // Fast path without an await point; the permits travel with the frame as a count (no
@@ -729,12 +811,12 @@ impl Sender {
         };
         match acquired {
             Ok(permit) => permit.forget(),
-            Err(()) => return Err(handle.map_or(SendError::Closed, |h| h.closed_unwritten())),
+            Err(()) => return Err(closed(handle)),
         }
         let outgoing = Outgoing { bytes, handle, permits, written };
         self.commands.send(Command::Write(outgoing)).map_err(|e| match e.0 {
-            Command::Write(o) => o.handle.map_or(SendError::Closed, |h| h.closed_unwritten()),
-            Command::Disconnect | Command::SendersGone => SendError::Closed,
+            Command::Write(o) => closed(o.handle),
+            Command::Disconnect | Command::SendersGone => (SendError::Closed, None),
         })
     }
 }

@@ -17,11 +17,18 @@
 //! | [`RawHandle`] (any descriptor, type chosen by the caller) | as chosen, checked | anything |
 //! | [`OwnedFd`] | — (not sendable: it has no type) | anything |
 //!
+//! Receiving is the standard conversion: `TcpStream::try_from(handle)`, or
+//! `let stream: TcpStream = handle.try_into()?`; a handle that does not fit is given back in the
+//! [`ConvertError`].
+//!
 //! # Who owns the descriptor
-//! Sending **by value** moves the descriptor into the channel: it is held until the peer
-//! acknowledges it and then closed — Node's default for `net.Socket`. Sending **by reference**
-//! (`&listener`) sends a duplicate and leaves yours open — Node's `keepOpen: true`, and the way to
-//! share a listening server or UDP socket while still using it.
+//! Sending **by value** moves the value into the channel: it is held, untouched, until the peer
+//! acknowledges it and then dropped (closing it) — Node's default for `net.Socket`. If the send
+//! fails at any point (the channel closed, the peer refused it every time, the descriptor is not
+//! what its type says), the error gives the value back as it was sent
+//! ([`SendHandleError::handle`](crate::channel::SendHandleError)), so retrying is one line. Wrapped
+//! in [`KeepOpen`] (`KeepOpen(&listener)`), a duplicate is sent and yours stays open — Node's
+//! `keepOpen: true`, and the way to share a listening server or UDP socket while still using it.
 //!
 //! # Blocking mode
 //! `O_NONBLOCK` belongs to the open file description, which the sender and receiver of a handle
@@ -33,6 +40,7 @@ mod raw;
 mod udp;
 mod unix;
 
+use std::any::Any;
 use std::fmt;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
@@ -136,53 +144,78 @@ impl DgramType {
     }
 }
 
-/// A handle ready to be written: the descriptor and the envelope fields that describe it.
-#[derive(Debug)]
+pub(crate) use wire::{Held, WireHandle};
+
+/// Types that appear in [`IntoWire`]'s hidden methods: public, so that the trait may name them,
+/// but unreachable from outside handoff, which seals the trait.
+mod wire {
+use super::*;
+
+/// A value being sent as a handle, held by the channel until the peer acknowledges it (then
+/// dropped, which closes it) or the send fails (then given back).
+pub trait Held: AsFd + Send {
+    fn into_any(self: Box<Self>) -> Box<dyn Any + Send>;
+}
+
+impl<T: AsFd + Send + 'static> Held for T {
+    fn into_any(self: Box<Self>) -> Box<dyn Any + Send> {
+        self
+    }
+}
+
+/// A handle ready to be written: the value that holds the descriptor and the envelope fields
+/// that describe it (the descriptor's kind already checked against the type).
 pub struct WireHandle {
     pub(crate) handle_type: HandleType,
-    pub(crate) fd: OwnedFd,
+    pub(crate) held: Box<dyn Held>,
     pub(crate) key: Option<String>,
     pub(crate) dgram_type: Option<DgramType>,
-    /// What the kernel says the descriptor is.
-    pub(crate) kind: FdKind,
     /// The server whose connection this is: the channel it goes out on joins that server's
     /// socket lists (Node's `SocketListSend`).
     pub(crate) server: Option<std::sync::Arc<crate::server::ServerState>>,
 }
 
+impl fmt::Debug for WireHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WireHandle")
+            .field("handle_type", &self.handle_type)
+            .field("fd", &self.held.as_fd())
+            .field("key", &self.key)
+            .field("dgram_type", &self.dgram_type)
+            .finish()
+    }
+}
+
 impl WireHandle {
-    /// Describes `fd` as `handle_type`, after asking the kernel that the descriptor really is of
-    /// that kind (a mismatched kind kills a Node receiver). Fills `dgramType` for UDP.
-    pub fn new(handle_type: HandleType, fd: OwnedFd) -> Result<WireHandle, HandleError> {
-        let kind = crate::sys::classify(fd.as_fd()).map_err(HandleError::Io)?;
+    /// Describes `held` as `handle_type`, after asking the kernel that its descriptor really is
+    /// of that kind (a mismatched kind kills a Node receiver); fills `dgramType` for UDP. On a
+    /// mismatch `held` comes back with the error.
+    pub(crate) fn new<T: AsFd + Send + 'static>(
+        handle_type: HandleType,
+        held: T,
+        key: Option<String>,
+    ) -> Result<WireHandle, (HandleError, T)> {
+        let kind = match crate::sys::classify(held.as_fd()) {
+            Ok(kind) => kind,
+            Err(e) => return Err((HandleError::Io(e), held)),
+        };
         if !handle_type.accepts(kind) {
-            return Err(HandleError::KindMismatch { handle_type, kind });
+            return Err((HandleError::KindMismatch { handle_type, kind }, held));
         }
         let dgram_type =
             if handle_type == HandleType::DgramSocket { DgramType::of(kind) } else { None };
-        Ok(WireHandle { handle_type, fd, key: None, dgram_type, kind, server: None })
+        // Node reads a key on `net.Socket` only.
+        let key = key.filter(|_| handle_type == HandleType::NetSocket);
+        Ok(WireHandle { handle_type, held: Box::new(held), key, dgram_type, server: None })
     }
-
-    /// Sets the server connection key written in the envelope (`net.Socket` only): the receiver
-    /// files the socket under this key for its server's connection count.
-    pub fn with_key(mut self, key: impl Into<String>) -> WireHandle {
-        if self.handle_type == HandleType::NetSocket {
-            self.key = Some(key.into());
-        }
-        self
-    }
-
-    /// The handle type.
-    pub fn handle_type(&self) -> HandleType {
-        self.handle_type
-    }
+}
 }
 
 /// A handle that arrived with a message: the descriptor, what the sender called it, and what the
 /// kernel says it is.
 ///
-/// Dropping it closes the descriptor. Convert it with [`ReceivedHandle::into`] or
-/// [`Handle::from_received`].
+/// Dropping it closes the descriptor. Convert it with `TryFrom` (`TcpStream::try_from(handle)`,
+/// `handle.try_into()`), which every receivable type implements, or [`Handle::from_received`].
 #[derive(Debug)]
 pub struct ReceivedHandle {
     pub(crate) handle_type: HandleType,
@@ -208,10 +241,6 @@ impl ReceivedHandle {
     /// The `dgramType` from the envelope.
     pub fn dgram_type(&self) -> Option<DgramType> {
         self.dgram_type
-    }
-    /// Converts into `H`, or gives the handle back with the reason it does not fit.
-    pub fn into<H: Handle>(self) -> Result<H, ConvertError> {
-        H::from_received(self)
     }
     /// The raw descriptor, whatever it is.
     pub fn into_fd(self) -> OwnedFd {
@@ -239,48 +268,100 @@ impl AsFd for ReceivedHandle {
     }
 }
 
-/// One conversion per handle type: the seed's `handleConversion`.
+/// A value that can travel as a handle: the seed's `handleConversion`, one implementation per
+/// type.
 ///
-/// Implement it to make your own type sendable and receivable. The send side returns the
-/// descriptor and envelope fields ([`WireHandle`]); build it with [`WireHandle::new`], which checks
-/// the descriptor's kind against the type so that nothing that would crash a Node peer is written.
+/// The send side says which `type` (and `key`) the envelope carries; handoff checks the
+/// descriptor's kind against it (a mismatch would crash a Node receiver) and fills `dgramType`.
+/// The receive side builds the value from a [`ReceivedHandle`], or gives the handle back.
+/// Implement it to make your own type travel, and implement `TryFrom<ReceivedHandle>` by calling
+/// [`from_received`](Handle::from_received) so that it converts the standard way.
 ///
 /// # Examples
 /// ```
-/// use handoff::handle::{ConvertError, Handle, HandleError, HandleType, ReceivedHandle, WireHandle};
-/// use std::os::fd::OwnedFd;
+/// use handoff::handle::{ConvertError, Handle, HandleType, ReceivedHandle};
+/// use std::os::fd::{AsFd, BorrowedFd};
 ///
 /// /// A connection that is always sent as a raw `net.Native`.
 /// struct Backend(std::net::TcpStream);
 ///
+/// impl AsFd for Backend {
+///     fn as_fd(&self) -> BorrowedFd<'_> {
+///         self.0.as_fd()
+///     }
+/// }
+///
 /// impl Handle for Backend {
-///     fn into_wire(self) -> Result<WireHandle, HandleError> {
-///         WireHandle::new(HandleType::NetNative, OwnedFd::from(self.0))
+///     fn handle_type(&self) -> HandleType {
+///         HandleType::NetNative
 ///     }
 ///     fn from_received(handle: ReceivedHandle) -> Result<Self, ConvertError> {
-///         handle.into::<std::net::TcpStream>().map(Backend)
+///         std::net::TcpStream::try_from(handle).map(Backend)
+///     }
+/// }
+///
+/// impl TryFrom<ReceivedHandle> for Backend {
+///     type Error = ConvertError;
+///     fn try_from(handle: ReceivedHandle) -> Result<Self, ConvertError> {
+///         Backend::from_received(handle)
 ///     }
 /// }
 /// ```
-pub trait Handle: Sized {
-    /// Send side: gives up the descriptor and says how to describe it.
-    fn into_wire(self) -> Result<WireHandle, HandleError>;
+pub trait Handle: AsFd + Send + Sized + 'static {
+    /// The envelope `type` this value is sent as.
+    fn handle_type(&self) -> HandleType;
+
+    /// The server connection key written in the envelope (meaningful for `net.Socket` only): the
+    /// receiver files the socket under it for its server's connection count. None by default.
+    fn key(&self) -> Option<&str> {
+        None
+    }
 
     /// Receive side: builds the value from a received handle, or returns the handle untouched.
     fn from_received(handle: ReceivedHandle) -> Result<Self, ConvertError>;
 }
 
 /// What can be passed to [`Sender::send_handle`](crate::Sender::send_handle): any [`Handle`] by
-/// value (moved, and closed once the peer acknowledges it), a [`KeepOpen`] reference (a duplicate
-/// is sent and yours stays open), or a prepared [`WireHandle`].
-pub trait IntoWire {
-    /// Produces the descriptor and envelope fields.
-    fn into_wire_handle(self) -> Result<WireHandle, HandleError>;
+/// value (held until the peer acknowledges it, then dropped; given back if the send fails), a
+/// [`KeepOpen`] reference (a duplicate is sent; yours stays open), or a server
+/// [`Connection`](crate::server::Connection).
+///
+/// Implemented by handoff only (its methods name types private to handoff); implement
+/// [`Handle`] for your own types.
+pub trait IntoWire: Sized {
+    /// What a failed send gives back: the value itself when sent by value, `()` for
+    /// [`KeepOpen`] (yours never left you).
+    type Back;
+    /// Checks and describes the value; on failure gives it back.
+    #[doc(hidden)]
+    fn into_wire(self) -> Result<WireHandle, (HandleError, Self::Back)>;
+    /// Turns the held value back into what the caller sent (the send failed).
+    #[doc(hidden)]
+    fn give_back(held: Box<dyn Held>) -> Self::Back;
+    /// What the caller gets back when the send fails before the value was even described.
+    #[doc(hidden)]
+    fn unsent(self) -> Self::Back;
+}
+
+/// Recovers the value of type `T` that a channel held.
+pub(crate) fn downcast_held<T: 'static>(held: Box<dyn Held>) -> T {
+    *held
+        .into_any()
+        .downcast::<T>()
+        .unwrap_or_else(|_| unreachable!("a channel gives back the value it was given"))
 }
 
 impl<H: Handle> IntoWire for H {
-    fn into_wire_handle(self) -> Result<WireHandle, HandleError> {
-        self.into_wire()
+    type Back = H;
+    fn into_wire(self) -> Result<WireHandle, (HandleError, H)> {
+        let (handle_type, key) = (self.handle_type(), self.key().map(str::to_owned));
+        WireHandle::new(handle_type, self, key)
+    }
+    fn give_back(held: Box<dyn Held>) -> H {
+        downcast_held(held)
+    }
+    fn unsent(self) -> H {
+        self
     }
 }
 
@@ -299,23 +380,15 @@ impl<H: Handle> IntoWire for H {
 #[derive(Debug, Clone, Copy)]
 pub struct KeepOpen<'a, H>(pub &'a H);
 
-impl<H: AsFd + Shareable> IntoWire for KeepOpen<'_, H> {
-    fn into_wire_handle(self) -> Result<WireHandle, HandleError> {
-        let dup = self.0.as_fd().try_clone_to_owned().map_err(HandleError::Io)?;
-        self.0.describe(dup)
+impl<H: Handle> IntoWire for KeepOpen<'_, H> {
+    type Back = ();
+    fn into_wire(self) -> Result<WireHandle, (HandleError, ())> {
+        let dup = self.0.as_fd().try_clone_to_owned().map_err(|e| (HandleError::Io(e), ()))?;
+        WireHandle::new(self.0.handle_type(), dup, self.0.key().map(str::to_owned))
+            .map_err(|(error, _dup)| (error, ()))
     }
-}
-
-impl IntoWire for WireHandle {
-    fn into_wire_handle(self) -> Result<WireHandle, HandleError> {
-        Ok(self)
-    }
-}
-
-/// Types whose duplicate can be sent while the original stays with the caller.
-pub trait Shareable {
-    /// Describes `dup`, a duplicate of `self`'s descriptor, as this type would.
-    fn describe(&self, dup: OwnedFd) -> Result<WireHandle, HandleError>;
+    fn give_back(_dup: Box<dyn Held>) {}
+    fn unsent(self) {}
 }
 
 /// Why a handle could not be sent. Nothing was written.
@@ -405,11 +478,13 @@ where
 }
 
 impl Handle for ReceivedHandle {
-    /// A received handle can be forwarded as it came (type, key and `dgramType` kept).
-    fn into_wire(self) -> Result<WireHandle, HandleError> {
-        let mut wire = WireHandle::new(self.handle_type, self.fd)?;
-        wire.key = self.key;
-        Ok(wire)
+    /// A received handle can be forwarded as it came (type and key kept; `dgramType` taken from
+    /// the descriptor again).
+    fn handle_type(&self) -> HandleType {
+        self.handle_type
+    }
+    fn key(&self) -> Option<&str> {
+        self.key.as_deref()
     }
     fn from_received(handle: ReceivedHandle) -> Result<Self, ConvertError> {
         Ok(handle)
@@ -427,26 +502,34 @@ impl From<ReceivedHandle> for OwnedFd {
 /// Wraps a handle so it travels as Node's raw `net.Native` / `dgram.Native` instead of a
 /// `net.Socket`, `net.Server` or `dgram.Socket`.
 ///
-/// Node's cluster uses this form for shared listening sockets and round-robin connections.
+/// Node's cluster uses this form for shared listening sockets and round-robin connections. A Node
+/// receiver gets the raw libuv handle (`TCP`, `Pipe` or `UDP`), which it must wrap itself, e.g.
+/// `new net.Socket({ handle })` for a connection or `net.createServer().listen(handle)` for a
+/// listener.
 #[derive(Debug)]
 pub struct Native<T>(pub T);
 
+impl<T: AsFd> AsFd for Native<T> {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+}
+
 impl<T: Handle> Handle for Native<T> {
-    fn into_wire(self) -> Result<WireHandle, HandleError> {
-        let mut wire = self.0.into_wire()?;
-        wire.handle_type = match wire.handle_type {
+    fn handle_type(&self) -> HandleType {
+        match self.0.handle_type() {
             HandleType::DgramSocket | HandleType::DgramNative => HandleType::DgramNative,
             _ => HandleType::NetNative,
-        };
-        if !wire.handle_type.accepts(wire.kind) {
-            return Err(HandleError::KindMismatch { handle_type: wire.handle_type, kind: wire.kind });
         }
-        wire.key = None;
-        wire.dgram_type = None;
-        wire.server = None;
-        Ok(wire)
     }
     fn from_received(handle: ReceivedHandle) -> Result<Self, ConvertError> {
         T::from_received(handle).map(Native)
+    }
+}
+
+impl<T: Handle> TryFrom<ReceivedHandle> for Native<T> {
+    type Error = ConvertError;
+    fn try_from(handle: ReceivedHandle) -> Result<Self, ConvertError> {
+        Native::from_received(handle)
     }
 }

@@ -2,18 +2,19 @@
 
 use super::{FdKind, HandleType};
 
-/// Implements [`Handle`](super::Handle) and [`Shareable`](super::Shareable) for a std socket type
-/// and its tokio counterpart.
+/// Implements [`Handle`](super::Handle) and `TryFrom<ReceivedHandle>` for a std socket type and
+/// its tokio counterpart.
 ///
 /// `$wire` is the type written when sending; `$accepted` the wire types it can be built from;
 /// `$kind_ok` which descriptor kinds it can be built from.
 macro_rules! socket_handle {
     ($std:ty, $tokio:ty, $wire:expr, [$($accepted:expr),+], $kind_ok:expr) => {
+        /// Sent as its type; the descriptor is checked against the kernel first (a std socket
+        /// can be built from any descriptor in safe code, and a mislabelled one would crash a
+        /// Node receiver).
         impl $crate::handle::Handle for $std {
-            /// Checked against the kernel: a std socket can be built from any descriptor in safe
-            /// code (`From<OwnedFd>`), and a mislabelled one would crash a Node receiver.
-            fn into_wire(self) -> Result<$crate::handle::WireHandle, $crate::handle::HandleError> {
-                $crate::handle::WireHandle::new($wire, std::os::fd::OwnedFd::from(self))
+            fn handle_type(&self) -> $crate::handle::HandleType {
+                $wire
             }
             fn from_received(
                 handle: $crate::handle::ReceivedHandle,
@@ -24,18 +25,20 @@ macro_rules! socket_handle {
             }
         }
 
-        impl $crate::handle::Shareable for $std {
-            fn describe(
-                &self,
-                dup: std::os::fd::OwnedFd,
-            ) -> Result<$crate::handle::WireHandle, $crate::handle::HandleError> {
-                $crate::handle::WireHandle::new($wire, dup)
+        impl TryFrom<$crate::handle::ReceivedHandle> for $std {
+            type Error = $crate::handle::ConvertError;
+            fn try_from(
+                handle: $crate::handle::ReceivedHandle,
+            ) -> Result<Self, $crate::handle::ConvertError> {
+                <$std as $crate::handle::Handle>::from_received(handle)
             }
         }
 
+        /// Sent as its type, registered with tokio until the peer acknowledges it; received
+        /// into the current runtime, non-blocking.
         impl $crate::handle::Handle for $tokio {
-            fn into_wire(self) -> Result<$crate::handle::WireHandle, $crate::handle::HandleError> {
-                self.into_std().map_err($crate::handle::HandleError::Io)?.into_wire()
+            fn handle_type(&self) -> $crate::handle::HandleType {
+                $wire
             }
             fn from_received(
                 handle: $crate::handle::ReceivedHandle,
@@ -50,12 +53,12 @@ macro_rules! socket_handle {
             }
         }
 
-        impl $crate::handle::Shareable for $tokio {
-            fn describe(
-                &self,
-                dup: std::os::fd::OwnedFd,
-            ) -> Result<$crate::handle::WireHandle, $crate::handle::HandleError> {
-                $crate::handle::WireHandle::new($wire, dup)
+        impl TryFrom<$crate::handle::ReceivedHandle> for $tokio {
+            type Error = $crate::handle::ConvertError;
+            fn try_from(
+                handle: $crate::handle::ReceivedHandle,
+            ) -> Result<Self, $crate::handle::ConvertError> {
+                <$tokio as $crate::handle::Handle>::from_received(handle)
             }
         }
     };

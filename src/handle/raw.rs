@@ -2,7 +2,7 @@
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
-use super::{ConvertError, Handle, HandleError, HandleType, ReceivedHandle, WireHandle};
+use super::{ConvertError, Handle, HandleType, ReceivedHandle};
 
 /// A descriptor sent under a handle type of the caller's choice.
 ///
@@ -32,6 +32,10 @@ impl RawHandle {
         self.key = Some(key.into());
         self
     }
+    /// The handle type it is sent as.
+    pub fn handle_type(&self) -> HandleType {
+        self.handle_type
+    }
     /// The descriptor.
     pub fn into_fd(self) -> OwnedFd {
         self.fd
@@ -45,14 +49,20 @@ impl AsFd for RawHandle {
 }
 
 impl Handle for RawHandle {
-    fn into_wire(self) -> Result<WireHandle, HandleError> {
-        let wire = WireHandle::new(self.handle_type, self.fd)?;
-        Ok(match self.key {
-            Some(key) => wire.with_key(key),
-            None => wire,
-        })
+    fn handle_type(&self) -> HandleType {
+        self.handle_type
+    }
+    fn key(&self) -> Option<&str> {
+        self.key.as_deref()
     }
     fn from_received(handle: ReceivedHandle) -> Result<Self, ConvertError> {
         Ok(RawHandle { handle_type: handle.handle_type, key: handle.key, fd: handle.fd })
+    }
+}
+
+impl TryFrom<ReceivedHandle> for RawHandle {
+    type Error = ConvertError;
+    fn try_from(handle: ReceivedHandle) -> Result<Self, ConvertError> {
+        RawHandle::from_received(handle)
     }
 }

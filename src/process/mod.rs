@@ -13,10 +13,7 @@ use std::os::fd::{AsFd, RawFd};
 use std::path::Path;
 use std::process::{ExitStatus, Stdio};
 
-use serde::Serialize;
-
-use crate::channel::{Channel, ChannelConfig, Message, RecvError, SendError, Sender};
-use crate::handle::IntoWire;
+use crate::channel::{Channel, ChannelConfig, Message, Receiver, RecvError, Sender};
 use crate::sys;
 
 /// The environment variable naming the child's channel descriptor.
@@ -56,6 +53,8 @@ pub fn worker_id() -> Option<&'static str> {
 #[derive(Debug)]
 pub struct Command {
     inner: tokio::process::Command,
+    /// The program, for error messages.
+    program: std::ffi::OsString,
     slot: sys::ExecChannelSlot,
     channel_fd: RawFd,
     config: ChannelConfig,
@@ -65,10 +64,11 @@ impl Command {
     /// A command running `program`, with the channel at descriptor 3 and stdio inherited.
     /// `NODE_UNIQUE_ID` is not inherited (see [`WORKER_ID_ENV`]).
     pub fn new(program: impl AsRef<OsStr>) -> Command {
-        let mut inner = tokio::process::Command::new(program);
+        let program = program.as_ref().to_owned();
+        let mut inner = tokio::process::Command::new(&program);
         inner.env_remove(WORKER_ID_ENV);
         let slot = sys::ExecChannelSlot::register(&mut inner);
-        Command { inner, slot, channel_fd: 3, config: ChannelConfig::default() }
+        Command { inner, program, slot, channel_fd: 3, config: ChannelConfig::default() }
     }
 
     /// `node script`: a Node child, as `child_process.fork(script)` starts it.
@@ -144,6 +144,9 @@ impl Command {
     }
 
     /// Starts the child with its channel. Must be called inside a tokio runtime.
+    ///
+    /// A failure names the program (`cannot spawn "no-such-cmd": No such file or directory`),
+    /// keeps the [`io::ErrorKind`], and has the system's error as its source.
     pub fn spawn(&mut self) -> io::Result<Child> {
         if self.channel_fd < 0 {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "channel_fd must not be negative"));
@@ -167,20 +170,50 @@ impl Command {
         let spawned = self.inner.spawn();
         self.slot.clear();
         drop(theirs);
-        let process = spawned?;
-        let channel = Channel::with_config(ours, self.config.clone())?;
+        let process = spawned.map_err(|source| {
+            io::Error::new(source.kind(), SpawnError { program: self.program.clone(), source })
+        })?;
+        let (sender, receiver) = Channel::with_config(ours, self.config.clone())?.split();
         if let Some(pid) = process.id() {
-            channel.sender().set_peer(format!("child process {pid}"));
+            sender.set_peer(format!("child process {pid}"));
         }
-        Ok(Child { process, channel })
+        Ok(Child { process, sender, receiver: Some(receiver) })
     }
 }
 
+/// Why a child could not be started: the program, and what the system said.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot spawn {program:?}: {source}")]
+struct SpawnError {
+    program: std::ffi::OsString,
+    #[source]
+    source: io::Error,
+}
+
 /// A running child process and the parent's end of its channel.
+///
+/// It is the channel's [`Sender`] (it derefs to one: `send`, `send_handle`, `queue_handle`,
+/// `flush`, `internal_messages`, `peer`, `disconnect`, ...), plus the receiving side
+/// ([`recv`](Child::recv), or [`take_receiver`](Child::take_receiver) to receive in another
+/// task) and control of the process ([`wait`](Child::wait), [`kill`](Child::kill), ...). To send
+/// from other tasks, clone the sender: `child.sender().clone()`.
+///
+/// Once the process is known to have exited ([`wait`](Child::wait), [`try_wait`](Child::try_wait)
+/// or [`kill`](Child::kill) saw it), the channel refuses new sends
+/// ([`SendError::Closed`](crate::SendError::Closed)): nobody will read them. What the child sent
+/// before it exited can still be received.
 #[derive(Debug)]
 pub struct Child {
     process: tokio::process::Child,
-    channel: Channel,
+    sender: Sender,
+    receiver: Option<Receiver>,
+}
+
+impl std::ops::Deref for Child {
+    type Target = Sender;
+    fn deref(&self) -> &Sender {
+        &self.sender
+    }
 }
 
 impl Child {
@@ -190,80 +223,94 @@ impl Child {
     }
     /// The channel's sending half (clone it to send from elsewhere).
     pub fn sender(&self) -> &Sender {
-        self.channel.sender()
+        &self.sender
     }
-    /// The channel.
-    pub fn channel(&mut self) -> &mut Channel {
-        &mut self.channel
-    }
-    /// See [`Sender::send`].
-    pub async fn send<T: Serialize + ?Sized>(&self, message: &T) -> Result<(), SendError> {
-        self.channel.send(message).await
-    }
-    /// See [`Sender::send_handle`].
-    pub async fn send_handle<T: Serialize + ?Sized>(
-        &self,
-        message: &T,
-        handle: impl IntoWire,
-    ) -> Result<(), SendError> {
-        self.channel.send_handle(message, handle).await
-    }
-    /// See [`Receiver::recv`](crate::Receiver::recv).
+    /// The next message from the child; see [`Receiver::recv`]. `None` once the channel has
+    /// closed and everything was taken, or if the receiver was taken
+    /// ([`take_receiver`](Child::take_receiver)).
+    ///
+    /// # Cancel safety
+    /// Cancel safe, as [`Receiver::recv`].
     pub async fn recv(&mut self) -> Option<Result<Message, RecvError>> {
-        self.channel.recv().await
+        self.receiver.as_mut()?.recv().await
     }
-    /// Closes the channel (the child sees end-of-file and, if it is Node with nothing else to do,
-    /// exits). See [`Sender::disconnect`].
-    pub fn disconnect(&self) {
-        self.channel.disconnect()
+    /// The next message parsed as `T`; see [`Receiver::recv_as`].
+    ///
+    /// # Cancel safety
+    /// Cancel safe, as [`Receiver::recv`].
+    pub async fn recv_as<T: serde::de::DeserializeOwned>(
+        &mut self,
+    ) -> Option<Result<(T, Option<crate::handle::ReceivedHandle>), RecvError>> {
+        self.receiver.as_mut()?.recv_as().await
     }
-    /// Whether the channel is still open.
-    pub fn is_connected(&self) -> bool {
-        self.channel.is_connected()
+    /// The receiving half, to receive in another task while this one keeps control of the
+    /// process (as `tokio::process::Child::stdout.take()`). `None` if already taken.
+    pub fn take_receiver(&mut self) -> Option<Receiver> {
+        self.receiver.take()
     }
-    /// Waits for the child to exit.
+    /// The receiving half, if not taken.
+    pub fn receiver(&mut self) -> Option<&mut Receiver> {
+        self.receiver.as_mut()
+    }
+    /// Waits for the child to exit. From then on the channel refuses new sends.
     ///
     /// # Cancel safety
     /// Cancel safe, as [`tokio::process::Child::wait`].
     pub async fn wait(&mut self) -> io::Result<ExitStatus> {
-        self.process.wait().await
+        let status = self.process.wait().await?;
+        self.sender.peer_exited();
+        Ok(status)
     }
-    /// The exit status, if the child has exited.
+    /// The exit status, if the child has exited (the channel then refuses new sends).
     pub fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
-        self.process.try_wait()
+        let status = self.process.try_wait()?;
+        if status.is_some() {
+            self.sender.peer_exited();
+        }
+        Ok(status)
     }
-    /// Sends `SIGKILL` and waits for the child to exit.
+    /// Sends `SIGKILL` and waits for the child to exit (the channel then refuses new sends).
     ///
     /// # Cancel safety
     /// Cancel safe, as [`tokio::process::Child::kill`].
     pub async fn kill(&mut self) -> io::Result<()> {
-        self.process.kill().await
+        self.process.kill().await?;
+        self.sender.peer_exited();
+        Ok(())
     }
     /// Sends `SIGKILL` without waiting.
     pub fn start_kill(&mut self) -> io::Result<()> {
         self.process.start_kill()
     }
-    /// The tokio child (for its stdio pipes) and the channel.
-    pub fn into_parts(self) -> (tokio::process::Child, Channel) {
-        (self.process, self.channel)
-    }
     /// The tokio child, for its stdio pipes.
     pub fn process_mut(&mut self) -> &mut tokio::process::Child {
         &mut self.process
+    }
+    /// The tokio child (for its stdio pipes), the sender, and the receiver unless it was taken.
+    pub fn into_parts(self) -> (tokio::process::Child, Sender, Option<Receiver>) {
+        (self.process, self.sender, self.receiver)
     }
 }
 
 /// The channel this process's parent opened for it, if it was started with one
 /// (`NODE_CHANNEL_FD` set) — by a handoff parent, Node's `child_process.fork`, or
-/// `spawn(..., {stdio: [..., 'ipc']})`.
+/// `spawn(..., {stdio: [..., 'ipc']})`. `Ok(None)` when there is none.
 ///
 /// Removes `NODE_CHANNEL_FD` and `NODE_CHANNEL_SERIALIZATION_MODE` from the environment, so
 /// children this process starts do not attach to its channel, and `NODE_UNIQUE_ID` (kept for
-/// [`worker_id`]), so they do not believe they are cluster workers. Call it early, before other threads
-/// read the environment. Works once per process; a second call returns an error.
+/// [`worker_id`]), so they do not believe they are cluster workers. Call it early, before other
+/// threads read the environment. Use [`parent_channel_with_config`] to set the child's end (for
+/// instance the same [`ChannelConfig::handle_window`] as the parent's).
 ///
-/// Errors: the variable is not a number, the descriptor is not an open `AF_UNIX` stream socket,
-/// or the parent asked for `advanced` serialization (not supported yet: only `json`).
+/// # Errors, and what a failure leaves behind
+/// - Called outside a tokio runtime: nothing is taken or changed; call it again inside one.
+/// - `NODE_CHANNEL_FD` is not a number, or names a descriptor that is not open, not an
+///   inherited `AF_UNIX` stream socket (one this process opened itself is refused, and left to
+///   its owner), or the parent asked for `advanced` serialization (not supported yet: only
+///   `json`): the variables have been removed, and a descriptor that was adopted is closed.
+///
+/// Once it has run, with success or one of these errors, the variables are gone: a second call
+/// returns `Ok(None)`.
 pub fn parent_channel() -> io::Result<Option<Channel>> {
     parent_channel_with_config(ChannelConfig::default())
 }

@@ -31,14 +31,14 @@
 //!   waiting until that child exits.
 //! - [`Server::bind`] keys a server by the port it got, not the one asked for, so servers bound
 //!   to port 0 do not share a key (in Node they do, and count each other's connections).
-//! - Sent with [`KeepOpen`](crate::handle::KeepOpen), a connection is counted by both processes
+//! - Sent with [`KeepOpen`], a connection is counted by both processes
 //!   (as in Node), so `get_connections()` counts each process's copy, and `close()` waits for
 //!   both copies to close — the connection is open until both are.
 //!
 //! # Examples
 //! ```no_run
 //! # #[tokio::main] async fn main() -> anyhow::Result<()> {
-//! let server = handoff::server::Server::bind("127.0.0.1:0".parse()?).await?;
+//! let server = handoff::server::Server::bind("127.0.0.1:0").await?;
 //! let child = handoff::Command::new("node").arg("echo_child.js").spawn()?;
 //! let connection = server.accept().await?;
 //! child.send_handle(&"socket", connection).await?;
@@ -54,7 +54,7 @@ pub use accept::AcceptRetry;
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -65,7 +65,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::watch;
 
-use crate::handle::{ConvertError, Handle, HandleError, HandleType, ReceivedHandle, Shareable, WireHandle};
+use crate::handle::{downcast_held, HandleError, HandleType, Held, IntoWire, KeepOpen, WireHandle};
 use crate::Sender;
 use socket_list::ReplyKind;
 
@@ -169,11 +169,13 @@ pub struct Server {
 }
 
 impl Server {
-    /// Listens on `addr`. The key is [`connection_key`] of the address actually bound: with port
+    /// Listens on `addr` (anything tokio's `TcpListener::bind` takes: `"127.0.0.1:8080"`,
+    /// `("127.0.0.1", 0)`, a `SocketAddr`). The key is [`connection_key`] of the address actually
+    /// bound: with port
     /// 0 it names the port the system picked, where Node would keep `0` — so two servers on
     /// port 0 get different keys and never count each other's connections (a Node quirk,
     /// protocol doc §10.9). Use [`Server::from_tcp`] to choose the key.
-    pub async fn bind(addr: SocketAddr) -> io::Result<Server> {
+    pub async fn bind(addr: impl tokio::net::ToSocketAddrs) -> io::Result<Server> {
         let listener = TcpListener::bind(addr).await?;
         let key = connection_key(&listener.local_addr()?);
         Ok(Server::from_tcp(listener, key))
@@ -263,7 +265,8 @@ impl Server {
         }
         let mut total = own;
         while let Some(joined) = requests.join_next().await {
-            total += joined.expect("socket-list requests do not panic")?;
+            // A peer's count is its own claim: never let it overflow ours.
+            total = total.saturating_add(joined.expect("socket-list requests do not panic")?);
         }
         Ok(total)
     }
@@ -344,7 +347,7 @@ pub enum Stream {
 /// Read and write it directly (it implements tokio's `AsyncRead` and `AsyncWrite`), or hand it
 /// to another process with [`Sender::send_handle`](crate::Sender::send_handle): sent by value it
 /// leaves this process's count and joins the receiver's; sent with
-/// [`KeepOpen`](crate::handle::KeepOpen), both processes count it.
+/// [`KeepOpen`], both processes count it.
 #[derive(Debug)]
 pub struct Connection {
     stream: Stream,
@@ -377,43 +380,75 @@ impl Connection {
 
 impl AsFd for Connection {
     fn as_fd(&self) -> BorrowedFd<'_> {
-        match &self.stream {
+        self.stream.as_fd()
+    }
+}
+
+/// Sent by value, a connection leaves this process's count at once (as Node decrements
+/// `_connections` at send time) and carries the server's key; the socket itself is held until the
+/// peer acknowledges it. If the send fails it comes back as a `Connection`, counted again.
+impl IntoWire for Connection {
+    type Back = Connection;
+    fn into_wire(mut self) -> Result<WireHandle, (HandleError, Connection)> {
+        let server = self.server();
+        let key = self.key().to_owned();
+        self.guard.take();
+        let sent = SentConnection { stream: self.stream, server: server.clone() };
+        match WireHandle::new(HandleType::NetSocket, sent, Some(key)) {
+            Ok(mut wire) => {
+                wire.server = server;
+                Ok(wire)
+            }
+            Err((error, sent)) => Err((error, sent.restore())),
+        }
+    }
+    fn give_back(held: Box<dyn Held>) -> Connection {
+        downcast_held::<SentConnection>(held).restore()
+    }
+    fn unsent(self) -> Connection {
+        self
+    }
+}
+
+/// Sent with `KeepOpen`, a connection is counted by both processes (as in Node).
+impl IntoWire for KeepOpen<'_, Connection> {
+    type Back = ();
+    fn into_wire(self) -> Result<WireHandle, (HandleError, ())> {
+        let dup = self.0.as_fd().try_clone_to_owned().map_err(|e| (HandleError::Io(e), ()))?;
+        let mut wire = WireHandle::new(HandleType::NetSocket, dup, Some(self.0.key().to_owned()))
+            .map_err(|(error, _dup)| (error, ()))?;
+        wire.server = self.0.server();
+        Ok(wire)
+    }
+    fn give_back(_dup: Box<dyn Held>) {}
+    fn unsent(self) {}
+}
+
+/// A connection on its way to another process: the socket, and the server to count it under
+/// again if it comes back.
+struct SentConnection {
+    stream: Stream,
+    server: Option<Arc<ServerState>>,
+}
+
+impl SentConnection {
+    fn restore(self) -> Connection {
+        Connection { stream: self.stream, guard: self.server.map(|server| server.count_one()) }
+    }
+}
+
+impl AsFd for SentConnection {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.stream.as_fd()
+    }
+}
+
+impl AsFd for Stream {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
             Stream::Tcp(s) => s.as_fd(),
             Stream::Unix(s) => s.as_fd(),
         }
-    }
-}
-
-impl Handle for Connection {
-    /// Sent as a `net.Socket` carrying the server's key; leaves this process's count now (as
-    /// Node decrements `_connections` at send time), while the descriptor itself is held until
-    /// the peer acknowledges it.
-    fn into_wire(self) -> Result<WireHandle, HandleError> {
-        let server = self.server();
-        let key = self.key().to_owned();
-        let fd: OwnedFd = match self.into_stream() {
-            Stream::Tcp(s) => s.into_std().map_err(HandleError::Io)?.into(),
-            Stream::Unix(s) => s.into_std().map_err(HandleError::Io)?.into(),
-        };
-        let mut wire = WireHandle::new(HandleType::NetSocket, fd)?;
-        wire.key = Some(key);
-        wire.server = server;
-        Ok(wire)
-    }
-
-    /// A `Connection` belongs to a server of this process; a received socket converts into a
-    /// stream type instead (its count is kept by the channel).
-    fn from_received(handle: ReceivedHandle) -> Result<Self, ConvertError> {
-        Err(ConvertError::Mismatch { handle, wanted: "handoff::server::Connection (convert into a stream type)" })
-    }
-}
-
-impl Shareable for Connection {
-    fn describe(&self, dup: OwnedFd) -> Result<WireHandle, HandleError> {
-        let mut wire = WireHandle::new(HandleType::NetSocket, dup)?;
-        wire.key = Some(self.key().to_owned());
-        wire.server = self.server();
-        Ok(wire)
     }
 }
 

@@ -41,8 +41,10 @@ const VERIFY_BURST: Duration = Duration::from_millis(50);
 /// Received keyed sockets, per server key.
 #[derive(Debug)]
 pub(crate) struct ReceiveLists {
-    /// The sockets received under each key (possibly closed since the last check).
-    sockets: HashMap<Box<str>, Vec<FdIdentity>>,
+    /// The sockets received under each key (possibly closed since the last check). A set: the
+    /// same socket arriving again on the same descriptor number (its first copy closed, the
+    /// number reused) is one socket, not two.
+    sockets: HashMap<Box<str>, HashSet<FdIdentity>>,
     /// Keys whose sender asked to be told when they reach zero.
     close_requested: HashSet<Box<str>>,
     /// Entries after the last full check; the next one happens when the total doubles.
@@ -69,11 +71,15 @@ impl Default for ReceiveLists {
 impl ReceiveLists {
     /// Records a socket received under `key`.
     pub(crate) fn add(&mut self, key: &str, socket: FdIdentity) {
-        match self.sockets.get_mut(key) {
-            Some(list) => list.push(socket),
+        let added = match self.sockets.get_mut(key) {
+            Some(list) => list.insert(socket),
             None => {
-                self.sockets.insert(key.into(), vec![socket]);
+                self.sockets.insert(key.into(), HashSet::from([socket]));
+                true
             }
+        };
+        if !added {
+            return;
         }
         self.entries += 1;
         // Amortised O(1) per socket received, whatever the budget: memory must not grow with
@@ -113,7 +119,7 @@ impl ReceiveLists {
     /// How many sockets received under `key` are still open in this process.
     pub(crate) fn count(&mut self, key: &str) -> usize {
         self.verify_rationed(key);
-        self.sockets.get(key).map_or(0, Vec::len)
+        self.sockets.get(key).map_or(0, HashSet::len)
     }
 
     /// The sender will close its server: returns true if `key` has no open socket now (answer
@@ -178,7 +184,11 @@ impl Replies {
             return None;
         }
         let (tx, rx) = oneshot::channel();
-        state.waiting.entry((kind, key.to_owned())).or_default().push_back(tx);
+        let waiting = state.waiting.entry((kind, key.to_owned())).or_default();
+        // Requests whose caller gave up (a cancelled get_connections) are forgotten here, so a
+        // peer that never answers cannot make the list grow with every call.
+        waiting.retain(|waiter| !waiter.is_closed());
+        waiting.push_back(tx);
         Some(rx)
     }
 

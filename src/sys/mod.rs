@@ -199,7 +199,7 @@ pub(crate) fn set_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
 /// A descriptor number and the identity (device, inode) of the file it referred to when
 /// recorded: enough to tell later, without owning the descriptor, whether that number still
 /// refers to the same file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct FdIdentity {
     fd: RawFd,
     dev: u64,
@@ -439,11 +439,14 @@ pub(crate) fn adopt_inherited_fd(raw: RawFd) -> io::Result<OwnedFd> {
         set_nonblocking(channel.as_fd(), true)?;
         return Ok(channel);
     }
-    // SAFETY: `raw` is open, above the standard I/O numbers, and was inherited across exec (no
-    // FD_CLOEXEC, checked above), so no std, tokio or rustix owner in this process holds it; it is
-    // the descriptor the parent set aside for the IPC channel (`NODE_CHANNEL_FD`). The ADOPTED
-    // flag makes this the only owner we create. (C code in the process that opened a descriptor
-    // without O_CLOEXEC and then pointed NODE_CHANNEL_FD at it is the one case not excluded.)
+    // SAFETY: `raw` is open, above the standard I/O numbers, a connected AF_UNIX stream socket,
+    // and was inherited across exec (no FD_CLOEXEC, checked above): no descriptor this process
+    // opened through std, tokio or rustix can be it. It is the one the parent set aside for the
+    // IPC channel by Node's convention (`NODE_CHANNEL_FD`), which `parent_channel` documents, and
+    // the ADOPTED flag makes this the only owner handoff creates. Not excluded by these checks,
+    // and excluded only by that convention: other code in this process that took ownership of the
+    // same inherited descriptor (say, from LISTEN_FDS) or C code that opened one without
+    // O_CLOEXEC, with NODE_CHANNEL_FD then pointed at it by mistake.
     let owned = unsafe { OwnedFd::from_raw_fd(raw) };
     set_cloexec(owned.as_fd())?;
     set_nonblocking(owned.as_fd(), true)?;

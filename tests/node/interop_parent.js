@@ -6,7 +6,7 @@
 // {case: 'error', error} if something went wrong. The Rust test checks the observations.
 //
 // With examples/interop_child as the child (it speaks the commands of interop_peer.js):
-//   messages, handles, internal, crossing, parent-disconnects, child-exits
+//   messages, doubles, handles, internal, crossing, parent-disconnects, child-exits
 // With examples/server_child / examples/udp_child:
 //   server-child, udp-child
 'use strict'
@@ -152,6 +152,36 @@ async function takeFromRust (kind, id) {
 const ready = () => next('ready', op('ready'))
 
 const scenarios = {
+  // Doubles both ways, compared bit for bit in Node (Object.is tells -0 from 0).
+  async doubles () {
+    await ready()
+    const list = [2 ** 70, 5e-324, 2 ** 53 + 1, 2 ** 53 - 1, 2 ** 53 + 2, 1e21, 1e-7, 0.1 + 0.2,
+      2.2250738585072014e-308, 2.225073858507201e-308, 1.7976931348623157e308, 1 / 3,
+      123456789.12345678, -1.5e-300, Math.PI * 1e100, -(2 ** 70)]
+    const view = new DataView(new ArrayBuffer(8))
+    let state = 0x2545f491n
+    while (list.length < 2000) {
+      state = (state * 6364136223846793005n + 1442695040888963407n) & 0xffffffffffffffffn
+      view.setBigUint64(0, state)
+      const x = view.getFloat64(0)
+      if (Number.isFinite(x)) list.push(x)
+    }
+    child.send({ op: 'reserialize', values: list })
+    const back = (await next('reserialized', op('reserialized'))).msg.values
+    const changed = list.map((x, i) => [x, back[i]]).filter(([x, y]) => !Object.is(x, y))
+    out({ case: 'doubles-echo', count: back.length, changed: changed.slice(0, 5), changedCount: changed.length })
+
+    child.send({ op: 'doubles' })
+    const made = (await next('doubles', op('doubles'))).msg
+    const wrong = []
+    made.values.forEach((x, i) => {
+      view.setFloat64(0, x)
+      const bits = view.getBigUint64(0).toString(16).padStart(16, '0')
+      if (bits !== made.bits[i]) wrong.push([made.bits[i], bits])
+    })
+    out({ case: 'doubles-from-rust', count: made.values.length, wrong: wrong.slice(0, 5), wrongCount: wrong.length })
+  },
+
   async messages () {
     await ready()
     for (const v of lib.values) child.send(v)

@@ -76,7 +76,7 @@ fn pool(count: usize) -> Result<(Vec<TcpStream>, Vec<TcpStream>)> {
 async fn send_handoff(args: &SendArgs, servers: Vec<TcpStream>) -> Result<()> {
     let config = handoff::ChannelConfig::default().handle_window(args.window);
     let mut child = super::spawn_handoff_child(&args.child, Some(config))?;
-    super::wait_ready(child.channel()).await?;
+    super::wait_ready(&mut child).await?;
     let sender = child.sender().clone();
     let t = Instant::now();
     let mut deliveries = VecDeque::new();
@@ -90,7 +90,7 @@ async fn send_handoff(args: &SendArgs, servers: Vec<TcpStream>) -> Result<()> {
         delivery.await?;
     }
     let secs = t.elapsed().as_secs_f64();
-    super::wait_for(child.channel(), "done").await?;
+    super::wait_for(&mut child, "done").await?;
     child.disconnect();
     tokio::time::timeout(Duration::from_secs(30), child.wait())
         .await
@@ -117,7 +117,7 @@ async fn recv_handoff(args: &RecvArgs) -> Result<()> {
         };
         let Some(handle) = message.take_handle() else { continue };
         // What a user would do: take it as a socket (kind checked), then close it.
-        match handle.into::<TcpStream>() {
+        match TcpStream::try_from(handle) {
             Ok(stream) => drop(stream),
             Err(e) => {
                 errors += 1;

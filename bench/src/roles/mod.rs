@@ -115,13 +115,13 @@ pub fn handoff_parent(config: Option<handoff::ChannelConfig>) -> Result<handoff:
 }
 
 /// Waits for the child's `"ready"` message.
-pub async fn wait_ready(channel: &mut handoff::Channel) -> Result<()> {
-    wait_for(channel, "ready").await
+pub async fn wait_ready(child: &mut handoff::Child) -> Result<()> {
+    wait_for(child, "ready").await
 }
 
 /// Waits for the string message `word`, skipping others.
-pub async fn wait_for(channel: &mut handoff::Channel, word: &str) -> Result<()> {
-    while let Some(message) = channel.recv().await {
+pub async fn wait_for(child: &mut handoff::Child, word: &str) -> Result<()> {
+    while let Some(message) = child.recv().await {
         if message?.deserialize::<String>().is_ok_and(|m| m == word) {
             return Ok(());
         }

@@ -64,7 +64,7 @@ fn should_stop(sent: u64, size: usize, min_count: u64, deadline: Instant) -> boo
 
 async fn send_handoff(args: SendArgs) -> Result<()> {
     let mut child = super::spawn_handoff_child(&args.child, None)?;
-    super::wait_ready(child.channel()).await?;
+    super::wait_ready(&mut child).await?;
     let sender = child.sender().clone();
     sender.send("start").await?;
     let body = payload::string_body(args.size);

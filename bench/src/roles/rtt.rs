@@ -62,7 +62,7 @@ fn report(mut samples: Vec<f64>) {
 
 async fn ping_handoff(args: &PingArgs) -> Result<Vec<f64>> {
     let mut child = super::spawn_handoff_child(&args.child, None)?;
-    super::wait_ready(child.channel()).await?;
+    super::wait_ready(&mut child).await?;
     let mut samples = Vec::with_capacity(args.count);
     for i in 0..(args.warmup + args.count) as u64 {
         let t = Instant::now();

@@ -63,7 +63,7 @@ async fn parent_handoff(args: ParentArgs) -> Result<()> {
     let pids = [std::process::id(), child.id().unwrap_or(0)];
     emit("seed-ready", json!({ "addr": listener.local_addr()?.to_string(), "pids": pids }));
     // Deliveries resolve in the order the handles were queued: one task awaits them in turn.
-    let (deliveries, mut pending) = tokio::sync::mpsc::unbounded_channel::<handoff::channel::Delivery>();
+    let (deliveries, mut pending) = tokio::sync::mpsc::unbounded_channel::<handoff::channel::Delivery<tokio::net::TcpStream>>();
     tokio::spawn(async move {
         while let Some(delivery) = pending.recv().await {
             if let Err(e) = delivery.await {
@@ -120,7 +120,7 @@ async fn child_handoff(lean: bool) -> Result<()> {
         };
         let is_socket = message.deserialize::<String>().is_ok_and(|m| m == "socket");
         let Some(handle) = message.take_handle().filter(|_| is_socket) else { continue };
-        let mut socket: std::net::TcpStream = handle.into()?;
+        let mut socket: std::net::TcpStream = handle.try_into()?;
         let written = if lean { socket.write(REPLY.as_bytes()).unwrap_or(0) } else { 0 };
         if written == REPLY.len() {
             let _ = socket.shutdown(std::net::Shutdown::Write);
