@@ -48,6 +48,7 @@
 #![deny(unsafe_code)]
 
 pub mod channel;
+pub mod cluster;
 pub mod handle;
 pub mod process;
 pub mod server;

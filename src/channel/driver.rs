@@ -756,7 +756,7 @@ impl Driver {
 
     fn on_frame(&mut self, frame: Frame) {
         let Some(cmd) = frame.internal_cmd.as_deref() else {
-            self.deliver(Message { json: frame.text, handle: None });
+            self.deliver(Message { json: frame.text, handle: None, internal: None });
             return;
         };
         if self.shared.observers.any() {
@@ -769,8 +769,13 @@ impl Driver {
             "NODE_HANDLE_NACK" => self.on_nack(),
             "NODE_SOCKET_GET_COUNT" | "NODE_SOCKET_NOTIFY_CLOSE" | "NODE_SOCKET_COUNT"
             | "NODE_SOCKET_ALL_CLOSED" => self.on_socket_list(cmd, &frame.text),
-            // Other internal commands are not for user code; those handoff does not speak are
-            // dropped, as a Node receiver drops internal messages it has no listener for.
+            // Other internal commands are not for user code: delivered only to a receiver that
+            // asked for them (a cluster speaks NODE_CLUSTER), dropped otherwise, as a Node
+            // receiver drops internal messages it has no listener for.
+            _ if self.config.receive_internal => {
+                let internal = Some(cmd.into());
+                self.deliver(Message { json: frame.text, handle: None, internal });
+            }
             _ => {}
         }
     }
@@ -798,8 +803,19 @@ impl Driver {
                 return;
             }
         };
+        // A handle whose message is itself internal (Node's cluster sends connections and shared
+        // listeners so): for a receiver that speaks that protocol only.
+        let internal = super::frame::probe(&envelope.msg, usize::MAX).ok().flatten();
+        if internal.is_some() && !self.config.receive_internal {
+            tracing::debug!(cmd = ?internal, "closing a handle that came with an internal message nobody here speaks");
+            return;
+        }
         match check_handle(&envelope, fd) {
-            Ok(handle) => self.deliver(Message { json: envelope.msg, handle: Some(handle) }),
+            Ok(handle) => self.deliver(Message {
+                json: envelope.msg,
+                handle: Some(handle),
+                internal: internal.map(Into::into),
+            }),
             Err(reason) => self.report(RecvError::HandleRejected {
                 message: envelope.msg,
                 handle_type: excerpt(&envelope.handle_type, EXCERPT),

@@ -83,6 +83,7 @@ pub struct ChannelConfig {
     handle_window: usize,
     max_retransmits: u8,
     linger: std::time::Duration,
+    receive_internal: bool,
 }
 
 impl Default for ChannelConfig {
@@ -98,6 +99,7 @@ impl Default for ChannelConfig {
             handle_window: 1,
             max_retransmits: 3,
             linger: std::time::Duration::from_secs(5),
+            receive_internal: false,
         }
     }
 }
@@ -156,6 +158,17 @@ impl ChannelConfig {
         self.recv_handles = handles.max(1);
         self
     }
+    /// Delivers the internal messages handoff does not handle itself (`NODE_CLUSTER`, or any other
+    /// `NODE_`-prefixed command but the handle and socket-list ones) through
+    /// [`Receiver::recv`] too, in order with the user's messages, marked by
+    /// [`Message::internal_cmd`] — also when they come with a handle. Off by default: then they
+    /// are only shown to [`Sender::internal_messages`] observers, and a handle that comes with
+    /// one is closed (as a Node process without a listener for it would). For programs that speak
+    /// such a protocol themselves (handoff's cluster does).
+    pub fn receive_internal(mut self, on: bool) -> Self {
+        self.receive_internal = on;
+        self
+    }
     /// How long a channel whose runtime shuts down (`main` returned) keeps writing what is still
     /// queued before the process goes on exiting (default 5 s). Node keeps the process alive until
     /// pending writes finish; this is the same, bounded. `std::process::exit` skips it.
@@ -183,9 +196,17 @@ impl ChannelConfig {
 pub struct Message {
     json: String,
     handle: Option<ReceivedHandle>,
+    /// The `cmd` of an internal message delivered because of
+    /// [`ChannelConfig::receive_internal`].
+    internal: Option<Box<str>>,
 }
 
 impl Message {
+    /// For an internal message (delivered only with [`ChannelConfig::receive_internal`]): its
+    /// `cmd`, e.g. `NODE_CLUSTER`. `None` for the user's messages.
+    pub fn internal_cmd(&self) -> Option<&str> {
+        self.internal.as_deref()
+    }
     /// The message as JSON text (for a message that carried a handle: the user's `msg`, without
     /// the `NODE_HANDLE` envelope).
     pub fn json(&self) -> &str {
@@ -242,6 +263,11 @@ impl InternalMessage {
 /// Why a message could not be sent, or a handle not delivered.
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
+    /// The channel has no room for this now ([`ChannelConfig::send_buffer`] or
+    /// [`ChannelConfig::send_handles`] used up) and the caller asked not to wait; nothing was
+    /// queued.
+    #[error("the IPC channel's send queue is full; nothing was queued")]
+    Busy,
     /// The channel is disconnected or closed (Node's `ERR_IPC_CHANNEL_CLOSED`); nothing was
     /// written.
     #[error("the IPC channel is closed (ERR_IPC_CHANNEL_CLOSED); the message was not sent")]
@@ -761,6 +787,52 @@ impl Sender {
     /// Whether the channel's socket is closed (not just disconnecting).
     pub(crate) fn is_closed(&self) -> bool {
         *self.shared.closed.borrow()
+    }
+
+    /// Queues an internal message of a protocol handoff speaks above the channel (`NODE_CLUSTER`),
+    /// which [`send_internal`](Sender::send_internal) refuses to users.
+    pub(crate) async fn send_protocol<T: Serialize + ?Sized>(&self, message: &T) -> Result<(), SendError> {
+        let bytes = frame::encode(message).map_err(SendError::Serialize)?;
+        self.enqueue(bytes, None, None).await.map_err(|(error, _)| error)
+    }
+
+    /// Queues `handle` with an internal message (a `NODE_CLUSTER` one) as its `msg`, without
+    /// waiting: fails with the handle given back when the channel has no room for it now.
+    pub(crate) fn try_queue_protocol_handle<T: Serialize + ?Sized, H: IntoWire>(
+        &self,
+        message: &T,
+        handle: H,
+    ) -> Result<Delivery<H::Back>, SendHandleError<H::Back>> {
+        let msg = match frame::encode_json(message) {
+            Ok(msg) => msg,
+            Err(e) => return Err(unsent(SendError::Serialize(e), handle)),
+        };
+        if !self.is_connected() {
+            return Err(unsent(SendError::Disconnected { written: false }, handle));
+        }
+        let Ok(slot) = self.shared.handle_budget.clone().try_acquire_owned() else {
+            return Err(unsent(SendError::Busy, handle));
+        };
+        let wire = handle
+            .into_wire()
+            .map_err(|(error, handle)| SendHandleError { error: SendError::Handle(error), handle })?;
+        let bytes = envelope::encode_handle(&msg, &wire);
+        let (done, outcome) = oneshot::channel();
+        let pending = driver::PendingHandle::new(wire.held, done, slot);
+        let permits = (bytes.capacity() + FRAME_OVERHEAD).min(self.shared.send_buffer) as u32;
+        let Ok(permit) = self.shared.send_budget.try_acquire_many(permits) else {
+            let handle = H::give_back(pending.into_value());
+            return Err(SendHandleError { error: SendError::Busy, handle });
+        };
+        permit.forget();
+        let outgoing = Outgoing { bytes, handle: Some(pending), permits, written: None };
+        if let Err(e) = self.commands.send(Command::Write(outgoing)) {
+            let Command::Write(outgoing) = e.0 else { unreachable!("sent a write") };
+            let pending = outgoing.handle.expect("sent with its handle");
+            let handle = H::give_back(pending.into_value());
+            return Err(SendHandleError { error: SendError::Disconnected { written: false }, handle });
+        }
+        Ok(Delivery { outcome, give_back: H::give_back })
     }
 
     /// Sends a socket-list request (`NODE_SOCKET_GET_COUNT` or `NODE_SOCKET_NOTIFY_CLOSE`) for

@@ -208,6 +208,19 @@ impl WireHandle {
         let key = key.filter(|_| handle_type == HandleType::NetSocket);
         Ok(WireHandle { handle_type, held: Box::new(held), key, dgram_type, server: None })
     }
+
+    /// Describes `held`, whose kind the caller knows for certain (it accepted the socket from its
+    /// own listener), without asking the kernel again: the per-connection fast path.
+    pub(crate) fn trusted<T: AsFd + Send + 'static>(
+        handle_type: HandleType,
+        kind: FdKind,
+        held: T,
+    ) -> WireHandle {
+        debug_assert!(handle_type.accepts(kind));
+        let dgram_type =
+            if handle_type == HandleType::DgramSocket { DgramType::of(kind) } else { None };
+        WireHandle { handle_type, held: Box::new(held), key: None, dgram_type, server: None }
+    }
 }
 }
 

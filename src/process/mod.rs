@@ -55,7 +55,10 @@ pub struct Command {
     inner: tokio::process::Command,
     /// The program, for error messages.
     program: std::ffi::OsString,
-    slot: sys::ExecChannelSlot,
+    slot: sys::ExecFds,
+    /// Descriptors to pass at fixed numbers (listeners, systemd style), with the number each
+    /// gets.
+    passed: Vec<(std::sync::Arc<std::os::fd::OwnedFd>, RawFd)>,
     channel_fd: RawFd,
     config: ChannelConfig,
 }
@@ -67,8 +70,8 @@ impl Command {
         let program = program.as_ref().to_owned();
         let mut inner = tokio::process::Command::new(&program);
         inner.env_remove(WORKER_ID_ENV);
-        let slot = sys::ExecChannelSlot::register(&mut inner);
-        Command { inner, program, slot, channel_fd: 3, config: ChannelConfig::default() }
+        let slot = sys::ExecFds::register(&mut inner);
+        Command { inner, program, slot, passed: Vec::new(), channel_fd: 3, config: ChannelConfig::default() }
     }
 
     /// `node script`: a Node child, as `child_process.fork(script)` starts it.
@@ -133,6 +136,12 @@ impl Command {
         self.channel_fd = fd;
         self
     }
+    /// Passes `fd` to the child at descriptor number `number` (as systemd passes listeners). The
+    /// channel must be put at another number ([`channel_fd`](Command::channel_fd)).
+    pub(crate) fn pass_fd(&mut self, fd: std::sync::Arc<std::os::fd::OwnedFd>, number: RawFd) -> &mut Command {
+        self.passed.push((fd, number));
+        self
+    }
     /// Settings for the parent's end of the channel.
     pub fn channel_config(&mut self, config: ChannelConfig) -> &mut Command {
         self.config = config;
@@ -158,15 +167,21 @@ impl Command {
         // The child end is put in place by dup2, which clears O_NONBLOCK nowhere: a Node child
         // expects a blocking descriptor and sets its own flags (protocol doc §1.3).
         sys::set_nonblocking(theirs.as_fd(), false)?;
-        let _reserved = if self.channel_fd > 2 {
-            Some(sys::reserve_fd_number(theirs.as_fd(), self.channel_fd)?)
-        } else {
-            None
-        };
+        // Reserve the target numbers here while spawning, so std's exec-error pipe cannot land
+        // on one and be overwritten in the child.
+        let mut _reserved = Vec::new();
+        let targets = std::iter::once(self.channel_fd).chain(self.passed.iter().map(|(_, n)| *n));
+        for target in targets.filter(|n| *n > 2) {
+            if let Ok(fd) = sys::reserve_fd_number(theirs.as_fd(), target) {
+                _reserved.push(fd);
+            }
+        }
         self.inner
             .env(CHANNEL_FD_ENV, self.channel_fd.to_string())
             .env(SERIALIZATION_ENV, "json");
-        self.slot.set(theirs.as_fd(), self.channel_fd);
+        let mut pairs = vec![(theirs.as_fd(), self.channel_fd)];
+        pairs.extend(self.passed.iter().map(|(fd, n)| (fd.as_fd(), *n)));
+        self.slot.set(&pairs)?;
         let spawned = self.inner.spawn();
         self.slot.clear();
         drop(theirs);

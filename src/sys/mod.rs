@@ -5,7 +5,8 @@
 //! - [`send_with_fds`] / [`recv_with_fds`]: `sendmsg`/`recvmsg` with `SCM_RIGHTS`, received fds
 //!   close-on-exec (`MSG_CMSG_CLOEXEC`) and truncation (`MSG_CTRUNC`) reported;
 //! - [`classify`]: what kind of object a descriptor refers to, asked of the kernel;
-//! - [`install_fd_for_exec`]: the `dup2` that puts the child's channel end at its advertised number;
+//! - [`install_fds_for_exec`]: the `dup2`s that put the child's channel end (and listeners) at
+//!   their advertised numbers;
 //! - [`adopt_inherited_fd`]: taking ownership of the channel fd a parent left us.
 
 use std::io::{self, IoSlice};
@@ -279,6 +280,21 @@ pub(crate) fn wait_socket(
     }
 }
 
+/// Registers a listening socket with tokio's reactor for readability, to accept on it without
+/// tokio registering every accepted connection too.
+pub(crate) fn watch_readable(
+    fd: std::sync::Arc<OwnedFd>,
+) -> io::Result<tokio::io::unix::AsyncFd<std::sync::Arc<OwnedFd>>> {
+    // SAFETY: the AsyncFd owns a clone of the Arc, so the descriptor stays open and refers to the
+    // same socket for as long as the AsyncFd exists (an OwnedFd closes only when the last clone
+    // drops), and `Arc<OwnedFd>::as_raw_fd` always returns that same number. Callers never
+    // replace the inner value (`get_mut`).
+    unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| e.into_parts().1)
+}
+
 /// Moves `fd` above the standard I/O numbers if it sits on one (a parent started with 0–2
 /// closed hands those numbers out first), keeping it close-on-exec.
 pub(crate) fn above_stdio(fd: OwnedFd) -> io::Result<OwnedFd> {
@@ -294,71 +310,108 @@ fn is_unix_stream_socket(fd: BorrowedFd<'_>) -> bool {
     matches!(classify(fd), Ok(FdKind::UnixStream))
 }
 
-/// Puts `source` at descriptor number `target` in a freshly forked child, without close-on-exec,
-/// so that the program about to be executed inherits it there.
+/// Most descriptors one spawn installs at chosen numbers (the channel and up to 16 listeners).
+pub(crate) const MAX_EXEC_FDS: usize = 17;
+
+/// Puts each `sources[i]` at descriptor number `targets[i]` in a freshly forked child, without
+/// close-on-exec, so that the program about to be executed inherits them there.
 ///
-/// Runs between `fork` and `exec`, so it only makes async-signal-safe system calls.
+/// Every source is first duplicated above all targets (close-on-exec), then moved into place, so a
+/// source that sits on another pair's target is never overwritten before it is copied. Runs
+/// between `fork` and `exec`, so it only makes async-signal-safe system calls and allocates
+/// nothing.
 ///
 /// # Safety
 /// Must only be called in a forked child before `exec` (a `pre_exec` hook): it overwrites whatever
-/// `target` referred to, which in the parent could belong to someone else.
-pub(crate) unsafe fn install_fd_for_exec(source: RawFd, target: RawFd) -> io::Result<()> {
-    // SAFETY: dup2 and fcntl are async-signal-safe and only touch the descriptor table of this
-    // (forked, single-threaded) child; the caller guarantees we are in such a child.
-    unsafe {
-        if source == target {
-            let flags = libc::fcntl(target, libc::F_GETFD);
-            if flags < 0 || libc::fcntl(target, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-        } else if libc::dup2(source, target) < 0 {
+/// the targets referred to, which in the parent could belong to someone else.
+pub(crate) unsafe fn install_fds_for_exec(
+    sources: &[RawFd; MAX_EXEC_FDS],
+    targets: &[RawFd; MAX_EXEC_FDS],
+    count: usize,
+) -> io::Result<()> {
+    let floor = targets[..count].iter().copied().max().unwrap_or(0) + 1;
+    let mut temporary = [-1; MAX_EXEC_FDS];
+    for i in 0..count {
+        // SAFETY: fcntl(F_DUPFD_CLOEXEC) is async-signal-safe and only adds a descriptor to this
+        // (forked, single-threaded) child's table; the caller guarantees we are in such a child.
+        temporary[i] = unsafe { libc::fcntl(sources[i], libc::F_DUPFD_CLOEXEC, floor) };
+        if temporary[i] < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    for i in 0..count {
+        // SAFETY: dup2 is async-signal-safe; it replaces the child's own copy of whatever was at
+        // the target (the caller's contract) with a copy that is not close-on-exec.
+        if unsafe { libc::dup2(temporary[i], targets[i]) } < 0 {
             return Err(io::Error::last_os_error());
         }
     }
     Ok(())
 }
 
-/// The descriptor a spawned child should find its channel at, shared with the `pre_exec` hook.
+/// The descriptors a spawned child should find at chosen numbers, shared with the `pre_exec`
+/// hook.
 ///
-/// Packed as `(source << 32) | target`; `-1` when no channel is to be installed. The hook reads it
-/// in the forked child, which has its own copy of memory, so a plain atomic is enough.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct ExecChannelSlot(std::sync::Arc<std::sync::atomic::AtomicI64>);
+/// Each pair is packed as `(source << 32) | target`, `-1` for an unused one. The hook reads them
+/// in the forked child, which has its own copy of memory, so plain atomics are enough.
+#[derive(Debug, Clone)]
+pub(crate) struct ExecFds(std::sync::Arc<[std::sync::atomic::AtomicI64; MAX_EXEC_FDS]>);
 
-impl ExecChannelSlot {
+impl ExecFds {
     /// Registers the hook on `command` once; [`set`](Self::set) chooses the descriptors before
     /// each spawn.
-    pub(crate) fn register(command: &mut tokio::process::Command) -> ExecChannelSlot {
-        let slot = ExecChannelSlot(std::sync::Arc::new(std::sync::atomic::AtomicI64::new(-1)));
-        let shared = slot.0.clone();
+    pub(crate) fn register(command: &mut tokio::process::Command) -> ExecFds {
+        let slots = ExecFds(std::sync::Arc::new(std::array::from_fn(|_| {
+            std::sync::atomic::AtomicI64::new(-1)
+        })));
+        let shared = slots.0.clone();
         let hook = move || {
-            let packed = shared.load(std::sync::atomic::Ordering::SeqCst);
-            if packed < 0 {
-                return Ok(());
+            let mut sources = [-1; MAX_EXEC_FDS];
+            let mut targets = [-1; MAX_EXEC_FDS];
+            let mut count = 0;
+            for slot in shared.iter() {
+                let packed = slot.load(std::sync::atomic::Ordering::SeqCst);
+                if packed >= 0 {
+                    sources[count] = (packed >> 32) as RawFd;
+                    targets[count] = (packed & 0xffff_ffff) as RawFd;
+                    count += 1;
+                }
             }
-            let (source, target) = ((packed >> 32) as RawFd, (packed & 0xffff_ffff) as RawFd);
             // SAFETY: this hook runs in the forked child before exec, which is exactly
-            // install_fd_for_exec's requirement.
-            unsafe { install_fd_for_exec(source, target) }
+            // install_fds_for_exec's requirement.
+            unsafe { install_fds_for_exec(&sources, &targets, count) }
         };
-        // SAFETY: the hook only loads an atomic and calls dup2/fcntl, all async-signal-safe, and
-        // allocates nothing, as code between fork and exec must.
+        // SAFETY: the hook only loads atomics and calls fcntl/dup2, all async-signal-safe, and
+        // allocates nothing (fixed-size arrays on the stack), as code between fork and exec must.
         unsafe {
             command.pre_exec(hook);
         }
-        slot
+        slots
     }
 
-    /// The next spawn installs `source` at `target`.
-    pub(crate) fn set(&self, source: BorrowedFd<'_>, target: RawFd) {
+    /// The next spawn installs each `(source, target)`; at most [`MAX_EXEC_FDS`].
+    pub(crate) fn set(&self, pairs: &[(BorrowedFd<'_>, RawFd)]) -> io::Result<()> {
         use std::os::fd::AsRawFd;
-        let packed = ((source.as_raw_fd() as i64) << 32) | (target as i64 & 0xffff_ffff);
-        self.0.store(packed, std::sync::atomic::Ordering::SeqCst);
+        if pairs.len() > MAX_EXEC_FDS {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("at most {MAX_EXEC_FDS} descriptors can be passed to a child"),
+            ));
+        }
+        for (i, slot) in self.0.iter().enumerate() {
+            let packed = pairs.get(i).map_or(-1, |(source, target)| {
+                ((source.as_raw_fd() as i64) << 32) | (*target as i64 & 0xffff_ffff)
+            });
+            slot.store(packed, std::sync::atomic::Ordering::SeqCst);
+        }
+        Ok(())
     }
 
     /// The next spawn installs nothing.
     pub(crate) fn clear(&self) {
-        self.0.store(-1, std::sync::atomic::Ordering::SeqCst);
+        for slot in self.0.iter() {
+            slot.store(-1, std::sync::atomic::Ordering::SeqCst);
+        }
     }
 }
 

@@ -1,0 +1,301 @@
+//! Node's cluster protocol (`NODE_CLUSTER` messages, protocol doc §7), both directions.
+//!
+//! What a worker sends is parsed leniently from JSON (a Node worker adds fields freely); what we
+//! send is written with the fields in Node's order, so the bytes match what Node's own primary or
+//! worker would write.
+
+use serde::Serialize;
+use serde_json::Value;
+
+/// The `cmd` of every cluster message.
+pub(crate) const CLUSTER: &str = "NODE_CLUSTER";
+
+/// A worker's server query (`queryServer`, and `listening` with the real port).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Query {
+    pub(crate) index: Value,
+    pub(crate) data: Value,
+    /// The address asked for: a host string, `null`, or absent (Node's `undefined`).
+    pub(crate) address: Option<Value>,
+    pub(crate) port: Option<Value>,
+    /// `4`, `6`, `-1` (a Unix path), `"udp4"` or `"udp6"`.
+    pub(crate) address_type: Option<Value>,
+    pub(crate) fd: Option<Value>,
+    pub(crate) flags: Option<Value>,
+    pub(crate) backlog: Option<Value>,
+}
+
+impl Query {
+    fn parse(message: &Value) -> Query {
+        let field = |name: &str| message.get(name).cloned();
+        Query {
+            index: field("index").unwrap_or(Value::from(0)),
+            data: field("data").unwrap_or(Value::Null),
+            address: field("address"),
+            port: field("port"),
+            address_type: field("addressType"),
+            fd: field("fd"),
+            flags: field("flags"),
+            backlog: field("backlog"),
+        }
+    }
+
+    /// The primary's key for this server: `address:port:addressType:fd:index`, each printed as
+    /// JavaScript prints it (`undefined` for a missing field), as Node's primary builds it.
+    pub(crate) fn key(&self) -> String {
+        let js = |v: &Option<Value>| match v {
+            None => "undefined".to_owned(),
+            Some(v) => js_string(v),
+        };
+        format!(
+            "{}:{}:{}:{}:{}",
+            js(&self.address),
+            js(&self.port),
+            js(&self.address_type),
+            js(&self.fd),
+            js_string(&self.index)
+        )
+    }
+
+    /// The port asked for, if it is a number.
+    pub(crate) fn port(&self) -> Option<i64> {
+        self.port.as_ref().and_then(Value::as_i64)
+    }
+
+    /// The host asked for, if it is a string (`null` or absent: every interface).
+    pub(crate) fn host(&self) -> Option<&str> {
+        self.address.as_ref().and_then(Value::as_str)
+    }
+
+    /// What kind of server it is.
+    pub(crate) fn kind(&self) -> AddressKind {
+        match self.address_type.as_ref() {
+            Some(Value::String(s)) if s == "udp4" || s == "udp6" => AddressKind::Udp,
+            Some(v) if v.as_i64() == Some(-1) => AddressKind::Pipe,
+            Some(v) if v.as_i64() == Some(6) => AddressKind::Tcp6,
+            _ => AddressKind::Tcp4,
+        }
+    }
+}
+
+/// The kind of server a query is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AddressKind {
+    Tcp4,
+    Tcp6,
+    /// A Unix socket path (`addressType` -1).
+    Pipe,
+    Udp,
+}
+
+/// JavaScript's string conversion of a JSON value, as template literals print it.
+fn js_string(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        Value::Null => "null".to_owned(),
+        Value::Bool(b) => b.to_string(),
+        Value::Number(n) => match (n.as_i64(), n.as_f64()) {
+            (Some(i), _) => i.to_string(),
+            (None, Some(f)) if f.fract() == 0.0 && f.abs() < 1e21 => format!("{f:.0}"),
+            _ => n.to_string(),
+        },
+        Value::Array(_) | Value::Object(_) => "[object Object]".to_owned(),
+    }
+}
+
+/// A cluster message from a worker.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum FromWorker {
+    Online,
+    QueryServer { seq: u64, query: Query },
+    Listening { query: Query },
+    Close { key: String },
+    ExitedAfterDisconnect { seq: u64 },
+    /// An answer to one of our messages: `accepted` for a `newconn`.
+    Reply { ack: u64, accepted: Option<bool> },
+    /// Anything else (ignored, as Node's primary ignores unknown acts).
+    Other,
+}
+
+impl FromWorker {
+    pub(crate) fn parse(message: &Value) -> FromWorker {
+        let seq = message.get("seq").and_then(Value::as_u64).unwrap_or(0);
+        match message.get("act").and_then(Value::as_str) {
+            Some("online") => FromWorker::Online,
+            Some("queryServer") => FromWorker::QueryServer { seq, query: Query::parse(message) },
+            Some("listening") => FromWorker::Listening { query: Query::parse(message) },
+            Some("close") => match message.get("key").and_then(Value::as_str) {
+                Some(key) => FromWorker::Close { key: key.to_owned() },
+                None => FromWorker::Other,
+            },
+            Some("exitedAfterDisconnect") => FromWorker::ExitedAfterDisconnect { seq },
+            Some(_) => FromWorker::Other,
+            None => match message.get("ack").and_then(Value::as_u64) {
+                Some(ack) => FromWorker::Reply {
+                    ack,
+                    accepted: message.get("accepted").and_then(Value::as_bool),
+                },
+                None => FromWorker::Other,
+            },
+        }
+    }
+}
+
+/// A cluster message from the primary, as a worker reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum FromPrimary {
+    NewConn { seq: u64, key: String },
+    Disconnect,
+    /// The answer to one of our messages (`queryServer`, `exitedAfterDisconnect`).
+    Reply { ack: u64, message: Value },
+    Other,
+}
+
+impl FromPrimary {
+    pub(crate) fn parse(message: Value) -> FromPrimary {
+        let seq = message.get("seq").and_then(Value::as_u64).unwrap_or(0);
+        match message.get("act").and_then(Value::as_str) {
+            Some("newconn") => match message.get("key").and_then(Value::as_str) {
+                Some(key) => FromPrimary::NewConn { seq, key: key.to_owned() },
+                None => FromPrimary::Other,
+            },
+            Some("disconnect") => FromPrimary::Disconnect,
+            Some(_) => FromPrimary::Other,
+            None => match message.get("ack").and_then(Value::as_u64) {
+                Some(ack) => FromPrimary::Reply { ack, message },
+                None => FromPrimary::Other,
+            },
+        }
+    }
+}
+
+/// `sockname` in a round-robin query reply.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Sockname {
+    pub(crate) address: String,
+    pub(crate) family: &'static str,
+    pub(crate) port: u16,
+}
+
+impl Sockname {
+    pub(crate) fn of(addr: std::net::SocketAddr) -> Sockname {
+        Sockname {
+            address: addr.ip().to_string(),
+            family: if addr.is_ipv4() { "IPv4" } else { "IPv6" },
+            port: addr.port(),
+        }
+    }
+}
+
+/// The primary's answer to `queryServer` (round-robin: no handle; shared: as the `msg` of the
+/// handle). Field order as Node's primary writes it.
+#[derive(Debug, Serialize)]
+pub(crate) struct QueryReply<'a> {
+    pub(crate) cmd: &'static str,
+    /// `null` (round-robin, success), `0` (shared, success) or a negative libuv errno.
+    pub(crate) errno: Option<i32>,
+    pub(crate) key: &'a str,
+    pub(crate) ack: u64,
+    pub(crate) data: &'a Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) sockname: Option<Sockname>,
+    pub(crate) seq: u64,
+}
+
+/// `{"cmd":"NODE_CLUSTER","act":ACT,"key":K,"seq":S}` (`newconn`, and a worker's `close`).
+#[derive(Debug, Serialize)]
+pub(crate) struct ActKey<'a> {
+    pub(crate) cmd: &'static str,
+    pub(crate) act: &'static str,
+    pub(crate) key: &'a str,
+    pub(crate) seq: u64,
+}
+
+/// `{"cmd":"NODE_CLUSTER","act":ACT,"seq":S}` (`disconnect`, `online`, `exitedAfterDisconnect`).
+#[derive(Debug, Serialize)]
+pub(crate) struct Act {
+    pub(crate) cmd: &'static str,
+    pub(crate) act: &'static str,
+    pub(crate) seq: u64,
+}
+
+/// `{"cmd":"NODE_CLUSTER","ack":A,"seq":S}`, and a worker's answer to `newconn` with `accepted`.
+#[derive(Debug, Serialize)]
+pub(crate) struct Ack {
+    pub(crate) cmd: &'static str,
+    pub(crate) ack: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) accepted: Option<bool>,
+    pub(crate) seq: u64,
+}
+
+/// A worker's `queryServer` / `listening`, fields in Node's order.
+#[derive(Debug, Serialize)]
+pub(crate) struct ServerMessage<'a> {
+    pub(crate) cmd: &'static str,
+    pub(crate) act: &'static str,
+    pub(crate) index: u64,
+    pub(crate) data: Value,
+    pub(crate) address: &'a str,
+    pub(crate) port: u16,
+    #[serde(rename = "addressType")]
+    pub(crate) address_type: i64,
+    pub(crate) flags: u32,
+    pub(crate) backlog: bool,
+    pub(crate) seq: u64,
+}
+
+/// Node's libuv errno for an I/O error (negative), for `errno` in a query reply.
+pub(crate) fn uv_errno(error: &std::io::Error) -> i32 {
+    -error.raw_os_error().unwrap_or(libc::EINVAL)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn keys_print_as_javascript_does() {
+        let query = Query::parse(&json!({"act": "queryServer", "index": 0, "data": null,
+            "address": "127.0.0.1", "port": 0, "addressType": 4, "flags": 0, "backlog": false}));
+        assert_eq!(query.key(), "127.0.0.1:0:4:undefined:0");
+        let query = Query::parse(&json!({"index": 1, "address": null, "port": 8080, "addressType": 4}));
+        assert_eq!(query.key(), "null:8080:4:undefined:1");
+        let query = Query::parse(&json!({"index": 0, "address": "127.0.0.1", "port": 0, "addressType": "udp4", "fd": -1}));
+        assert_eq!(query.key(), "127.0.0.1:0:udp4:-1:0");
+        assert_eq!(query.kind(), AddressKind::Udp);
+    }
+
+    #[test]
+    fn replies_are_written_in_nodes_field_order() {
+        let data = Value::Null;
+        let reply = QueryReply {
+            cmd: CLUSTER,
+            errno: None,
+            key: "127.0.0.1:0:4:undefined:0",
+            ack: 1,
+            data: &data,
+            sockname: Some(Sockname::of("127.0.0.1:40349".parse().unwrap())),
+            seq: 0,
+        };
+        assert_eq!(
+            serde_json::to_string(&reply).unwrap(),
+            r#"{"cmd":"NODE_CLUSTER","errno":null,"key":"127.0.0.1:0:4:undefined:0","ack":1,"data":null,"sockname":{"address":"127.0.0.1","family":"IPv4","port":40349},"seq":0}"#
+        );
+        let newconn = ActKey { cmd: CLUSTER, act: "newconn", key: "k", seq: 1 };
+        assert_eq!(serde_json::to_string(&newconn).unwrap(), r#"{"cmd":"NODE_CLUSTER","act":"newconn","key":"k","seq":1}"#);
+        let reply = Ack { cmd: CLUSTER, ack: 1, accepted: Some(true), seq: 3 };
+        assert_eq!(serde_json::to_string(&reply).unwrap(), r#"{"cmd":"NODE_CLUSTER","ack":1,"accepted":true,"seq":3}"#);
+    }
+
+    #[test]
+    fn worker_messages_parse() {
+        assert_eq!(FromWorker::parse(&json!({"cmd": CLUSTER, "act": "online", "seq": 0})), FromWorker::Online);
+        assert_eq!(
+            FromWorker::parse(&json!({"cmd": CLUSTER, "ack": 4, "accepted": false, "seq": 9})),
+            FromWorker::Reply { ack: 4, accepted: Some(false) }
+        );
+        assert_eq!(FromWorker::parse(&json!({"cmd": CLUSTER, "act": "close"})), FromWorker::Other);
+    }
+}
