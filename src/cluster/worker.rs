@@ -23,7 +23,7 @@
 //! `NotConnected`), each server is reported closed, and the channel is closed; the program then
 //! finishes the connections it has and exits. If the primary goes away, the same happens.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
@@ -42,7 +42,7 @@ use crate::server::AcceptRetry;
 
 /// Round-robin connections waiting for `accept` per listener; past this the worker answers
 /// `accepted: false` and the primary gives the connection to another worker.
-const ACCEPT_QUEUE: usize = 1024;
+const ACCEPT_QUEUE: usize = 256;
 /// How long the primary may take to answer `queryServer`.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -64,7 +64,7 @@ struct Link {
     /// Our messages awaiting an answer, by `seq`.
     pending: Mutex<HashMap<u64, oneshot::Sender<Answer>>>,
     /// Round-robin servers: where the connections for each key go.
-    round_robin: Mutex<HashMap<String, mpsc::Sender<TcpStream>>>,
+    round_robin: Mutex<HashMap<String, Arc<RoundRobinQueue>>>,
     /// Listens so far per `address:port:addressType:fd` (Node's `index`).
     indexes: Mutex<HashMap<String, u64>>,
     /// Keys of the servers this worker has, to report them closed on `disconnect`.
@@ -73,6 +73,43 @@ struct Link {
     stopping: watch::Sender<bool>,
     /// The user's messages, if someone asked for them ([`Worker::messages`]).
     messages: Mutex<Option<mpsc::Sender<Message>>>,
+}
+
+/// Connections handed over by the primary and not yet taken by `accept`. Each is answered
+/// `accepted: true` only when `accept` takes it, so a connection this worker has not started on
+/// goes back to the primary (answered `accepted: false`) if the worker stops, and the primary
+/// gives it to another worker; if the worker dies, the primary sees no answer and does the same.
+#[derive(Debug, Default)]
+struct RoundRobinQueue {
+    waiting: Mutex<VecDeque<(u64, TcpStream)>>,
+    arrived: tokio::sync::Notify,
+    closed: std::sync::atomic::AtomicBool,
+}
+
+impl RoundRobinQueue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<(u64, TcpStream)>> {
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes a connection if there is room (and the listener is open).
+    fn offer(&self, seq: u64, stream: TcpStream) -> Result<(), TcpStream> {
+        let mut waiting = self.lock();
+        if self.closed.load(Ordering::SeqCst) || waiting.len() >= ACCEPT_QUEUE {
+            return Err(stream);
+        }
+        waiting.push_back((seq, stream));
+        drop(waiting);
+        self.arrived.notify_one();
+        Ok(())
+    }
+
+    /// Closes the queue; returns what was waiting (to be refused back to the primary).
+    fn close(&self) -> Vec<u64> {
+        self.closed.store(true, Ordering::SeqCst);
+        self.arrived.notify_waiters();
+        self.arrived.notify_one();
+        self.lock().drain(..).map(|(seq, _stream)| seq).collect()
+    }
 }
 
 /// The process-wide link, made on first use.
@@ -214,10 +251,10 @@ impl Worker {
             }
             // Round-robin: connections come as `newconn`.
             None => {
-                let (tx, rx) = mpsc::channel(ACCEPT_QUEUE);
-                link.round_robin.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone(), tx);
+                let queue = Arc::new(RoundRobinQueue::default());
+                link.round_robin.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone(), queue.clone());
                 let port = reply.pointer("/sockname/port").and_then(Value::as_u64).unwrap_or(addr.port().into());
-                (Mode::RoundRobin(rx), SocketAddr::new(addr.ip(), port as u16))
+                (Mode::RoundRobin(queue), SocketAddr::new(addr.ip(), port as u16))
             }
         };
         link.keys.lock().unwrap_or_else(|p| p.into_inner()).push(key.clone());
@@ -263,10 +300,16 @@ impl Link {
     }
 
     /// Stops every listener and reports each server closed (Node's worker does so on
-    /// `disconnect`).
+    /// `disconnect`); connections not yet accepted go back to the primary.
     async fn close_servers(&self) {
         self.stopping.send_replace(true);
-        self.round_robin.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        let queues: Vec<Arc<RoundRobinQueue>> =
+            self.round_robin.lock().unwrap_or_else(|p| p.into_inner()).drain().map(|(_, q)| q).collect();
+        for queue in queues {
+            for seq in queue.close() {
+                self.answer(seq, false).await;
+            }
+        }
         let keys = std::mem::take(&mut *self.keys.lock().unwrap_or_else(|p| p.into_inner()));
         for key in keys {
             let close = ActKey { cmd: CLUSTER, act: "close", key: &key, seq: self.next_seq() };
@@ -274,14 +317,22 @@ impl Link {
         }
     }
 
-    /// Answers a `newconn`: queued for the listener of `key` (`accepted: true`), or refused.
+    /// A `newconn`: queued for the listener of `key` (answered when `accept` takes it), or
+    /// refused at once (no such listener, or its queue is full).
     async fn on_newconn(&self, seq: u64, key: &str, handle: Option<ReceivedHandle>) {
         let stream = handle.and_then(|h| TcpStream::try_from(h).ok());
         let target = self.round_robin.lock().unwrap_or_else(|p| p.into_inner()).get(key).cloned();
-        let accepted = match (stream, target) {
-            (Some(stream), Some(target)) => target.try_send(stream).is_ok(),
+        let queued = match (stream, target) {
+            (Some(stream), Some(target)) => target.offer(seq, stream).is_ok(),
             _ => false,
         };
+        if !queued {
+            self.answer(seq, false).await;
+        }
+    }
+
+    /// Answers the primary's `newconn` number `seq`.
+    async fn answer(&self, seq: u64, accepted: bool) {
         let reply = Ack { cmd: CLUSTER, ack: seq, accepted: Some(accepted), seq: self.next_seq() };
         let _ = self.sender.send_protocol(&reply).await;
     }
@@ -317,7 +368,9 @@ async fn read_from_primary(link: Arc<Link>, mut receiver: Receiver) {
     }
     // The primary is gone (or we disconnected): nothing more will come.
     link.stopping.send_replace(true);
-    link.round_robin.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    for (_, queue) in link.round_robin.lock().unwrap_or_else(|p| p.into_inner()).drain() {
+        queue.close();
+    }
     link.pending.lock().unwrap_or_else(|p| p.into_inner()).clear();
 }
 
@@ -380,23 +433,48 @@ enum Mode {
     /// Bound here, or shared by the primary: this process accepts.
     Own(TcpListener),
     /// The primary accepts and hands connections over.
-    RoundRobin(mpsc::Receiver<TcpStream>),
+    RoundRobin(Arc<RoundRobinQueue>),
 }
 
 impl Listener {
-    /// The next connection. Fails with `ErrorKind::NotConnected` once the primary asked the
-    /// worker to stop (or went away); waits out descriptor exhaustion ([`AcceptRetry`]).
+    /// The next connection. Fails only with `ErrorKind::NotConnected`, once the primary asked the
+    /// worker to stop (or went away), or when the listening socket itself breaks; waits out
+    /// descriptor exhaustion ([`AcceptRetry`]) and skips connections whose client is already
+    /// gone.
     ///
     /// # Cancel safety
     /// Cancel safe: no connection is lost if the future is dropped.
     pub async fn accept(&mut self) -> io::Result<(TcpStream, SocketAddr)> {
         let mut stopping = self.stopping.clone();
         match &mut self.mode {
-            Mode::RoundRobin(connections) => {
-                let stream = connections.recv().await.ok_or_else(stopped)?;
-                let peer = stream.peer_addr()?;
-                Ok((stream, peer))
-            }
+            Mode::RoundRobin(queue) => loop {
+                let arrived = queue.arrived.notified();
+                let next = queue.lock().pop_front();
+                if let Some((seq, stream)) = next {
+                    // Taken: now it is ours (the primary closes its copy). The answer is on the
+                    // wire before the program touches the connection, so that if this process
+                    // dies while serving it the primary knows it was taken and does not hand it
+                    // to another worker (as Node's worker writes `accepted` synchronously before
+                    // it emits 'connection').
+                    if let Some((worker, _)) = &self.linked {
+                        worker.link.answer(seq, true).await;
+                        let _ = worker.link.sender.flush().await;
+                    }
+                    match stream.peer_addr() {
+                        Ok(peer) => return Ok((stream, peer)),
+                        // The client is already gone (reset while the connection was on its
+                        // way): nothing to serve, take the next one.
+                        Err(error) => {
+                            tracing::debug!(%error, "skipping a connection whose client is gone");
+                            continue;
+                        }
+                    }
+                }
+                if queue.closed.load(Ordering::SeqCst) {
+                    return Err(stopped());
+                }
+                arrived.await;
+            },
             Mode::Own(listener) => {
                 let mut retry = AcceptRetry::new();
                 let stop = async {
@@ -442,12 +520,19 @@ impl Drop for Listener {
         let Some((worker, key)) = self.linked.take() else { return };
         let link = worker.link;
         link.round_robin.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+        let refused = match &self.mode {
+            Mode::RoundRobin(queue) => queue.close(),
+            Mode::Own(_) => Vec::new(),
+        };
         let mut keys = link.keys.lock().unwrap_or_else(|p| p.into_inner());
         let Some(at) = keys.iter().position(|k| *k == key) else { return };
         keys.remove(at);
         drop(keys);
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
+                for seq in refused {
+                    link.answer(seq, false).await;
+                }
                 let close = ActKey { cmd: CLUSTER, act: "close", key: &key, seq: link.next_seq() };
                 let _ = link.sender.send_protocol(&close).await;
             });

@@ -6,6 +6,7 @@
 //! runtime before it).
 #![allow(dead_code, unreachable_pub)]
 
+pub mod load;
 pub mod raw_peer;
 
 use std::collections::BTreeSet;
