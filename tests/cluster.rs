@@ -155,6 +155,81 @@ fn unchanged_node_apps_shared() {
     });
 }
 
+/// Waits until `status` satisfies `want`, returning it (failing after a step).
+async fn status_until(primary: &Primary, what: &str, want: impl Fn(&handoff::cluster::Status) -> bool) -> handoff::cluster::Status {
+    util::within(what, async {
+        loop {
+            let status = primary.status().await.unwrap();
+            if want(&status) {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+}
+
+fn open_per_pid(status: &handoff::cluster::Status) -> std::collections::BTreeMap<u32, u64> {
+    status.workers.iter().map(|w| (w.pid, w.connections_open.expect("round-robin counts open connections"))).collect()
+}
+
+/// Open connections per worker come from the kernel, so an unchanged Node app's count is right
+/// too: keep-alive connections held open count, and stop counting once the client closes them.
+#[test]
+fn open_connections_are_counted_per_worker() {
+    util::serial_test(async {
+        let Some(app) = node_app("http_app.js") else { return };
+        let primary = start(app, 2, Schedule::RoundRobin).await;
+        let target = addr(&primary);
+        let (clients, answered) = blocking(move || {
+            use std::io::{BufRead, BufReader, Write};
+            let mut clients = Vec::new();
+            let mut answered = std::collections::BTreeMap::<u32, u64>::new();
+            for _ in 0..6 {
+                let mut client = std::net::TcpStream::connect(target).unwrap();
+                client.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+                let mut reader = BufReader::new(client.try_clone().unwrap());
+                let mut length = 0;
+                loop {
+                    let mut line = String::new();
+                    reader.read_line(&mut line).unwrap();
+                    if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = value.trim().parse().unwrap();
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                }
+                let mut body = vec![0; length];
+                std::io::Read::read_exact(&mut reader, &mut body).unwrap();
+                *answered.entry(String::from_utf8(body).unwrap().parse().unwrap()).or_default() += 1;
+                clients.push(client);
+            }
+            (clients, answered)
+        })
+        .await;
+        let status = status_until(&primary, "6 handled", |s| s.workers.iter().map(|w| w.connections_handled).sum::<u64>() == 6).await;
+        let mut want = answered.clone();
+        for w in &status.workers {
+            want.entry(w.pid).or_default();
+        }
+        assert_eq!(open_per_pid(&status), want, "keep-alive connections open, per worker");
+        drop(clients);
+        status_until(&primary, "closed connections to stop counting", |s| open_per_pid(s).values().all(|&n| n == 0)).await;
+        stop(primary).await;
+
+        // A worker that closes each connection itself (the Rust example) holds none open.
+        let primary = start(rust_workers(), 2, Schedule::RoundRobin).await;
+        requests(addr(&primary), Protocol::Raw, 10).await;
+        // (A worker's `accepted` may reach the primary after its answer reached the client.)
+        status_until(&primary, "10 handled, none open", |s| {
+            s.workers.iter().map(|w| w.connections_handled).sum::<u64>() == 10 && open_per_pid(s).values().all(|&n| n == 0)
+        })
+        .await;
+        stop(primary).await;
+    });
+}
+
 /// The Rust worker under Node's own cluster primary (`execPath` pointed at it), both modes.
 #[test]
 fn rust_worker_under_nodes_primary() {

@@ -96,6 +96,18 @@ pub const TARGETS: &[Target] = &[
         check: |r| ratio(r, "handles", "rate", "handoff-w64", "bare-pipelined", 0.8, true),
     },
     Target {
+        name: "cluster rr: Node workers, handoff primary conn/s >= 1.5x Node's cluster",
+        check: |r| ratio(r, "cluster-rr", "conn_per_s", "handoff+node", "node", 1.5, true),
+    },
+    Target {
+        name: "cluster rr: primary CPU/conn <= 1.5x bare",
+        check: |r| ratio(r, "cluster-rr", "primary_cpu_us_per_conn", "handoff", "bare", 1.5, false),
+    },
+    Target {
+        name: "cluster shared: Node workers, handoff primary conn/s >= Node's cluster",
+        check: |r| ratio(r, "cluster-shared", "conn_per_s", "handoff+node", "node", 1.0, true),
+    },
+    Target {
         name: "memory: parent RSS flat over the long seed run",
         check: |r| {
             let Some(m) = r.scenario("memory") else {

@@ -22,7 +22,7 @@ fn quick_run_prints_every_line_and_writes_json() {
 
     let started = std::time::Instant::now();
     let out = Command::new(exe)
-        .args(["--quick", "--runs", "1", "--only", "msg-64B,rtt,handles,seed,memory"])
+        .args(["--quick", "--runs", "1", "--only", "msg-64B,rtt,handles,seed,cluster-rr,cluster-shared,memory"])
         .args(["--msg-secs", "0.1", "--rtt-count", "300", "--handles", "300"])
         .args(["--seed-secs", "0.5", "--memory-connections", "2000"])
         .arg("--json")
@@ -42,6 +42,9 @@ fn quick_run_prints_every_line_and_writes_json() {
         "handles (handles/s)",
         "seed (conn/s)",
         "seed server CPU (µs/conn)",
+        "cluster-rr (conn/s)",
+        "cluster-rr primary CPU (µs/conn)",
+        "cluster-shared (conn/s)",
         "mem parent RSS max (KiB)",
     ] {
         let line = stdout
@@ -62,7 +65,7 @@ fn quick_run_prints_every_line_and_writes_json() {
         serde_json::from_str(&std::fs::read_to_string(&json_path).expect("JSON written")).expect("valid JSON");
     let scenarios = report["scenarios"].as_array().expect("scenarios");
     let names: Vec<&str> = scenarios.iter().map(|s| s["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["msg-64B", "rtt", "handles", "seed", "memory"]);
+    assert_eq!(names, ["msg-64B", "rtt", "handles", "seed", "cluster-rr", "cluster-shared", "memory"]);
     for s in scenarios {
         let key = s["metrics"][0]["key"].as_str().unwrap();
         for (id, v) in s["variants"].as_object().unwrap() {
@@ -74,7 +77,7 @@ fn quick_run_prints_every_line_and_writes_json() {
             assert_eq!(v["samples"].as_array().unwrap().len(), 1, "{}/{id}", s["name"]);
         }
     }
-    assert!(report["targets"].as_array().unwrap().len() >= 9);
+    assert!(report["targets"].as_array().unwrap().len() >= 12);
     assert!(report["machine"]["cpus"].as_u64().unwrap() >= 1);
     let _ = std::fs::remove_dir_all(&dir);
 }

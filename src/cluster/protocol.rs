@@ -117,7 +117,28 @@ pub(crate) enum FromWorker {
     Other,
 }
 
+/// The fields of a worker's answer to a `newconn` (`{"cmd":"NODE_CLUSTER","ack":N,
+/// "accepted":true,"seq":M}`, one per connection), read without building a [`Value`].
+#[derive(Debug, serde::Deserialize)]
+struct ReplyFields {
+    act: Option<serde::de::IgnoredAny>,
+    ack: Option<u64>,
+    accepted: Option<bool>,
+}
+
 impl FromWorker {
+    /// Parses the JSON text of a cluster message.
+    pub(crate) fn parse_json(json: &str) -> FromWorker {
+        // The message of every connection takes the short way.
+        if let Ok(ReplyFields { act: None, ack: Some(ack), accepted }) = crate::channel::json::from_str::<ReplyFields>(json) {
+            return FromWorker::Reply { ack, accepted };
+        }
+        match crate::channel::json::from_str::<Value>(json) {
+            Ok(value) => FromWorker::parse(&value),
+            Err(_) => FromWorker::Other,
+        }
+    }
+
     pub(crate) fn parse(message: &Value) -> FromWorker {
         let seq = message.get("seq").and_then(Value::as_u64).unwrap_or(0);
         match message.get("act").and_then(Value::as_str) {

@@ -7,7 +7,10 @@
 //! - [`classify`]: what kind of object a descriptor refers to, asked of the kernel;
 //! - [`install_fds_for_exec`]: the `dup2`s that put the child's channel end (and listeners) at
 //!   their advertised numbers;
-//! - [`adopt_inherited_fd`]: taking ownership of the channel fd a parent left us.
+//! - [`adopt_inherited_fd`]: taking ownership of the channel fd a parent left us;
+//! - [`sock_diag`]: whether sockets handed to another process are still open there.
+
+pub(crate) mod sock_diag;
 
 use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;

@@ -7,6 +7,7 @@
 //! `$HANDOFF_BENCH_RT`: `current`, the default, as the README advises and the examples use, or
 //! `multi`, as plain `#[tokio::main]`) and a bare one (std + libc, blocking; see [`crate::bare`]).
 
+pub mod cluster;
 pub mod handles;
 pub mod loadgen;
 pub mod msg;
@@ -37,6 +38,10 @@ pub enum Role {
     SeedParent(seed::ParentArgs),
     /// The seed's child: answers each handed connection with `Child handled it.`.
     SeedChild(seed::ChildArgs),
+    /// A cluster primary with two workers.
+    ClusterPrimary(cluster::PrimaryArgs),
+    /// A cluster worker answering each connection with `Child handled it.`.
+    ClusterWorker(cluster::WorkerArgs),
     /// Connection-per-request load generator.
     Loadgen(loadgen::LoadArgs),
 }
@@ -68,6 +73,8 @@ pub fn run(role: Role) -> Result<()> {
         Role::HandlesRecv(a) => handles::recv(a),
         Role::SeedParent(a) => seed::parent(a),
         Role::SeedChild(a) => seed::child(a),
+        Role::ClusterPrimary(a) => cluster::primary(a),
+        Role::ClusterWorker(a) => cluster::worker(a),
         Role::Loadgen(a) => loadgen::run(a),
     }
 }

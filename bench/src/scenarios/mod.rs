@@ -1,6 +1,7 @@
 //! The scenario table. Add a row: a struct implementing [`Scenario`] in its own file, and one
 //! line in [`registry`].
 
+mod cluster;
 mod handles;
 mod memory;
 mod msg;
@@ -26,6 +27,8 @@ pub fn registry() -> Vec<Box<dyn Scenario>> {
         Box::new(rtt::RoundTrip),
         Box::new(handles::Handles),
         Box::new(seed::Seed),
+        Box::new(cluster::Cluster { schedule: "rr" }),
+        Box::new(cluster::Cluster { schedule: "shared" }),
         Box::new(memory::Memory),
     ]
 }

@@ -16,6 +16,10 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use super::{Input, ListenAddr};
 use crate::handle::{FdKind, HandleError, HandleType, Held, IntoWire, WireHandle};
 use crate::server::AcceptRetry;
+use crate::sys::sock_diag::SocketKey;
+
+/// Most connections one message from an accepting task carries to the supervisor.
+const ACCEPT_BATCH: usize = 64;
 
 /// Backlog of the primary's listening sockets.
 pub(crate) const BACKLOG: i32 = 1024;
@@ -39,7 +43,7 @@ impl std::fmt::Display for BoundAddr {
 }
 
 /// A listening socket of the primary.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Listener {
     pub(crate) addr: BoundAddr,
     pub(crate) fd: Arc<OwnedFd>,
@@ -115,6 +119,8 @@ fn bind_error(error: io::Error, what: &str) -> io::Error {
 pub(crate) struct Accepted {
     pub(crate) fd: Arc<OwnedFd>,
     pub(crate) kind: FdKind,
+    /// How the kernel's socket diagnostics find it later, to count it open or closed.
+    pub(crate) key: Option<SocketKey>,
 }
 
 /// Sends a connection as `net.Native` (what Node's primary sends in `newconn`), without asking
@@ -146,41 +152,82 @@ impl IntoWire for SharedListener {
 /// pauses and clients wait in the kernel's backlog.
 pub(crate) async fn accept_loop(
     id: usize,
-    listener: Arc<OwnedFd>,
-    conn_kind: FdKind,
+    listener: &Listener,
     budget: Arc<Semaphore>,
     inputs: mpsc::Sender<Input>,
 ) {
-    let Ok(readiness) = crate::sys::watch_readable(listener) else {
+    let conn_kind = listener.conn_kind;
+    // Our side of each connection: the listener's address, unless it is a wildcard (then the
+    // kernel says which of ours the client reached).
+    let fixed_local = match listener.addr {
+        BoundAddr::Tcp(addr) if !addr.ip().is_unspecified() => Some(addr),
+        _ => None,
+    };
+    let Ok(readiness) = crate::sys::watch_readable(listener.fd.clone()) else {
         tracing::error!(listener = id, "cannot watch a listening socket");
         return;
     };
     let mut retry = AcceptRetry::new();
+    let accept = |fd: &OwnedFd| {
+        rustix::net::acceptfrom_with(fd.as_fd(), rustix::net::SocketFlags::CLOEXEC).map_err(io::Error::from)
+    };
     loop {
-        let Ok(permit) = budget.clone().acquire_owned().await else { return };
-        let fd = loop {
+        // Every connection waiting in the backlog now (up to the budget and ACCEPT_BATCH) goes to
+        // the supervisor in one message: one wake-up of it per batch, not per connection.
+        let Ok(first) = budget.clone().acquire_owned().await else { return };
+        let mut permit = Some(first);
+        let mut batch = Vec::new();
+        while batch.is_empty() {
             let Ok(mut ready) = readiness.readable().await else { return };
-            match ready.try_io(|inner| {
-                rustix::net::accept_with(inner.get_ref().as_fd(), rustix::net::SocketFlags::CLOEXEC)
-                    .map_err(io::Error::from)
-            }) {
-                Ok(Ok(fd)) => {
-                    retry.accepted();
-                    break fd;
-                }
-                Ok(Err(error)) => {
-                    if retry.wait(error).await.is_err() {
-                        tracing::error!(listener = id, "the listening socket failed; no longer accepting");
-                        return;
+            while batch.len() < ACCEPT_BATCH {
+                let Some(this) = permit.take().or_else(|| budget.clone().try_acquire_owned().ok()) else { break };
+                match ready.try_io(|inner| accept(inner.get_ref())) {
+                    Ok(Ok((fd, peer))) => {
+                        retry.accepted();
+                        let key = socket_key(&fd, conn_kind, fixed_local, peer);
+                        batch.push((Accepted { fd: Arc::new(fd), kind: conn_kind, key }, this));
+                    }
+                    Ok(Err(error)) => {
+                        permit = Some(this);
+                        if batch.is_empty() && retry.wait(error).await.is_err() {
+                            tracing::error!(listener = id, "the listening socket failed; no longer accepting");
+                            return;
+                        }
+                        // (With connections in hand, they go first; the error comes back next.)
+                        break;
+                    }
+                    Err(_would_block) => {
+                        permit = Some(this);
+                        break;
                     }
                 }
-                Err(_would_block) => continue,
             }
-        };
-        let accepted = Accepted { fd: Arc::new(fd), kind: conn_kind };
-        if inputs.send(Input::Accepted { listener: id, conn: accepted, permit }).await.is_err() {
+        }
+        if inputs.send(Input::Accepted { listener: id, conns: batch }).await.is_err() {
             return;
         }
+    }
+}
+
+/// What identifies an accepted connection to the kernel's socket diagnostics: its addresses (TCP;
+/// one `getsockname` only behind a wildcard listener) or its inode (Unix; one `fstat`).
+fn socket_key(
+    fd: &OwnedFd,
+    kind: FdKind,
+    fixed_local: Option<SocketAddr>,
+    peer: Option<rustix::net::SocketAddrAny>,
+) -> Option<SocketKey> {
+    match kind {
+        FdKind::TcpStream => {
+            let peer = SocketAddr::try_from(peer?).ok()?;
+            let local = match fixed_local {
+                Some(local) => local,
+                None => SocketAddr::try_from(rustix::net::getsockname(fd).ok()?).ok()?,
+            };
+            Some(SocketKey::Tcp { local, peer })
+        }
+        FdKind::UnixStream => Some(SocketKey::Unix(rustix::fs::fstat(fd).ok()?.st_ino)),
+        _ => None,
     }
 }
 

@@ -38,6 +38,7 @@
 //!   connection, with no shutdown code of its own), then after the drain timeout `SIGTERM`, then
 //!   `SIGKILL` to its process group.
 
+mod counts;
 mod listeners;
 mod supervisor;
 
@@ -356,6 +357,9 @@ pub enum Event {
     Stopped,
 }
 
+/// How many lifecycle events a subscriber may fall behind before it loses the oldest.
+pub const EVENTS: usize = 1024;
+
 /// A worker as [`Primary::status`] reports it.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct WorkerStatus {
@@ -367,8 +371,10 @@ pub struct WorkerStatus {
     pub generation: u64,
     /// `starting`, `online`, `ready`, `wedged`, `draining` or `exiting`.
     pub state: &'static str,
-    /// Connections it accepted and has not closed yet, when the primary can tell (round-robin
-    /// TCP on Linux).
+    /// Connections it accepted and some process still holds open, when the primary can tell:
+    /// round-robin (the primary knows which sockets it handed; the kernel's socket diagnostics
+    /// say which are still held, one lookup per socket, no scan of the worker's descriptors).
+    /// `None` in shared mode, where the kernel hands connections out unseen.
     pub connections_open: Option<u64>,
     /// Connections it accepted in all.
     pub connections_handled: u64,
@@ -455,8 +461,11 @@ pub enum PrimaryError {
 pub struct Primary {
     requests: mpsc::Sender<supervisor::Request>,
     events: broadcast::Sender<Event>,
+    /// Subscribed at start, so the first [`Primary::events`] misses nothing.
+    first_events: std::sync::Mutex<Option<broadcast::Receiver<Event>>>,
     addrs: Vec<BoundAddr>,
     stopped: watch::Receiver<bool>,
+    open: counts::OpenConnections,
 }
 
 impl Primary {
@@ -490,10 +499,12 @@ impl Primary {
         &self.addrs
     }
 
-    /// Lifecycle events from now on. A subscriber that falls more than 1024 events behind loses
-    /// the oldest (`Lagged`).
+    /// Lifecycle events. The first call sees every event since [`PrimaryBuilder::start`] (the
+    /// first workers' `Spawned` included); later calls see events from then on. A subscriber
+    /// that falls more than [`EVENTS`] events behind loses the oldest (`Lagged`).
     pub fn events(&self) -> broadcast::Receiver<Event> {
-        self.events.subscribe()
+        let first = self.first_events.lock().unwrap_or_else(|p| p.into_inner()).take();
+        first.unwrap_or_else(|| self.events.subscribe())
     }
 
     /// Waits until every worker slot has a ready worker, or fails when no worker ever became
@@ -514,7 +525,15 @@ impl Primary {
     pub async fn status(&self) -> Result<Status, PrimaryError> {
         let (tx, rx) = oneshot::channel();
         self.request(supervisor::Request::Status(tx)).await?;
-        rx.await.map_err(|_| PrimaryError::Stopping)
+        let mut status = rx.await.map_err(|_| PrimaryError::Stopping)?;
+        if status.schedule == "rr" {
+            if let Some(open) = self.open.count().await {
+                for worker in &mut status.workers {
+                    worker.connections_open = Some(open.get(&worker.id).copied().unwrap_or(0));
+                }
+            }
+        }
+        Ok(status)
     }
 
     /// A rolling reload: for each worker, start a new one, wait until it is ready, then drain the
@@ -566,7 +585,8 @@ impl Primary {
 
 /// Messages from the primary's tasks to its supervisor.
 pub(crate) enum Input {
-    Accepted { listener: usize, conn: Accepted, permit: Permit },
+    /// Connections accepted on `listener`, oldest first, each with its place in the budget.
+    Accepted { listener: usize, conns: Vec<(Accepted, Permit)> },
     FromWorker { worker: u32, message: crate::channel::Message },
     ChannelClosed { worker: u32 },
     Exited { worker: u32, status: Option<std::process::ExitStatus> },

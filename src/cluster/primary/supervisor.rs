@@ -17,9 +17,10 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::{broadcast, mpsc, oneshot, watch, Semaphore};
 use tokio::time::Instant;
 
+use super::counts::OpenConnections;
 use super::listeners::{self, Accepted, BoundAddr, Listener, SharedListener};
 use super::{
-    Event, Input, ListenAddr, Primary, PrimaryBuilder, PrimaryError, ReloadReport, Schedule,
+    Event, Input, EVENTS, ListenAddr, Primary, PrimaryBuilder, PrimaryError, ReloadReport, Schedule,
     Status, WorkerOutput, WorkerStatus,
 };
 use crate::channel::{ChannelConfig, Sender};
@@ -68,7 +69,7 @@ pub(super) async fn start(config: PrimaryBuilder) -> Result<Primary, PrimaryErro
     let addrs = bound.iter().map(|l| l.addr.clone()).collect();
     let (inputs_tx, inputs) = mpsc::channel(INPUTS);
     let (requests, requests_rx) = mpsc::channel(64);
-    let events = broadcast::channel(1024).0;
+    let (events, first_events) = broadcast::channel(EVENTS);
     let (stopped_tx, stopped) = watch::channel(false);
     let budget = Arc::new(Semaphore::new(config.max_pending));
     let mut supervisor = Supervisor {
@@ -94,6 +95,7 @@ pub(super) async fn start(config: PrimaryBuilder) -> Result<Primary, PrimaryErro
         dispatched: 0,
         redispatched: 0,
         dropped: 0,
+        open: OpenConnections::new(),
         config,
     };
     for listener in bound {
@@ -110,8 +112,9 @@ pub(super) async fn start(config: PrimaryBuilder) -> Result<Primary, PrimaryErro
             source: std::io::Error::other(reason),
         });
     }
+    let open = supervisor.open.clone();
     tokio::spawn(supervisor.run(inputs, requests_rx, stopped_tx));
-    Ok(Primary { requests, events, addrs, stopped })
+    Ok(Primary { requests, events, first_events: std::sync::Mutex::new(Some(first_events)), addrs, stopped, open })
 }
 
 /// Finds `program` the way `execvp` will (a path, or a name on `PATH`), so that a missing command
@@ -280,6 +283,8 @@ struct Supervisor {
     dispatched: u64,
     redispatched: u64,
     dropped: u64,
+    /// Round-robin: the connections each worker accepted, to count the open ones.
+    open: OpenConnections,
 }
 
 struct ListenerState {
@@ -363,13 +368,9 @@ impl Supervisor {
     fn add_listener(&mut self, listener: Listener) -> usize {
         let id = self.listeners.len();
         let accepting = (self.config.schedule == Schedule::RoundRobin).then(|| {
-            tokio::spawn(listeners::accept_loop(
-                id,
-                listener.fd.clone(),
-                listener.conn_kind,
-                self.budget.clone(),
-                self.inputs.clone(),
-            ))
+            let (budget, inputs) = (self.budget.clone(), self.inputs.clone());
+            let listener = listener.clone();
+            tokio::spawn(async move { listeners::accept_loop(id, &listener, budget, inputs).await })
         });
         self.listeners.push(ListenerState { listener, accepting });
         id
@@ -699,8 +700,10 @@ impl Supervisor {
 
     fn on_input(&mut self, input: Input) {
         match input {
-            Input::Accepted { listener, conn, permit } => {
-                self.pending.push_back(Conn { listener, accepted: conn, _permit: permit, refused_by: None });
+            Input::Accepted { listener, conns } => {
+                for (conn, permit) in conns {
+                    self.pending.push_back(Conn { listener, accepted: conn, _permit: permit, refused_by: None });
+                }
             }
             Input::FromWorker { worker, message } => self.on_worker_message(worker, message),
             Input::ChannelClosed { worker } => self.on_channel_closed(worker),
@@ -717,8 +720,7 @@ impl Supervisor {
         }
         let handle = message.take_handle();
         drop(handle); // workers send no handles in the cluster protocol
-        let Ok(value) = message.value() else { return };
-        match FromWorker::parse(&value) {
+        match FromWorker::parse_json(message.json()) {
             FromWorker::Online => {
                 if let Some(worker) = self.workers.get_mut(&id) {
                     worker.online = true;
@@ -823,6 +825,9 @@ impl Supervisor {
         if accepted {
             // Ours is closed now: the connection is the worker's.
             worker.handled += 1;
+            if let Some(key) = flight.conn.accepted.key {
+                self.open.handed(id, key);
+            }
             drop(flight);
         } else {
             let mut conn = flight.conn;
@@ -903,6 +908,7 @@ impl Supervisor {
     fn forget_if_done(&mut self, id: u32) {
         let Some(worker) = self.workers.get(&id) else { return };
         if worker.exited && !worker.channel_open {
+            self.open.forget_worker(id);
             self.workers.remove(&id);
             self.order.retain(|w| *w != id);
         }
@@ -1045,14 +1051,30 @@ impl Supervisor {
     /// Hands waiting connections to free workers, in order, round-robin.
     fn dispatch(&mut self) {
         let mut skipped = VecDeque::new();
+        // Listeners with no free worker (a bit each, the first 64): their connections wait
+        // without another look.
+        let mut full = 0u64;
+        let all = if self.listeners.len() >= 64 { u64::MAX } else { (1u64 << self.listeners.len()) - 1 };
+        let bit = |listener: usize| if listener < 64 { 1u64 << listener } else { 0 };
         while let Some(conn) = self.pending.pop_front() {
-            match self.pick(conn.listener, conn.refused_by) {
-                Some(id) => {
-                    if let Err(conn) = self.hand_over(id, conn) {
+            if full & bit(conn.listener) != 0 {
+                skipped.push_back(conn);
+            } else {
+                match self.pick(conn.listener, conn.refused_by) {
+                    Some(id) => {
+                        if let Err(conn) = self.hand_over(id, conn) {
+                            skipped.push_back(conn);
+                        }
+                    }
+                    None => {
+                        // (Refused elsewhere or not, no worker of this listener is free.)
+                        full |= bit(conn.listener);
                         skipped.push_back(conn);
+                        if full == all && self.listeners.len() <= 64 {
+                            break;
+                        }
                     }
                 }
-                None => skipped.push_back(conn),
             }
             if skipped.len() > 64 {
                 // Nobody can take these now: stop looking until something changes.
