@@ -14,6 +14,10 @@
 //!   ([`process::parent_channel`]).
 //! - [`server`]: a listener whose connection count and `close()` stay true after its
 //!   connections were handed to other processes (Node's socket lists).
+//! - [`cluster`]: one port served by many worker processes, as Node's `cluster`: a
+//!   [`cluster::Primary`] (round-robin or shared, restarts, gated rolling reload, draining stop,
+//!   no connection dropped) whose workers are unchanged Node apps, Rust programs using
+//!   [`cluster::listen`] (which also run under Node's own primary), or `LISTEN_FDS` programs.
 //!
 //! See `ARCHITECTURE.md` for who owns a descriptor at every step, and `BENCHMARKS.md` for the
 //! measured speed against Node and bare system calls.

@@ -177,18 +177,27 @@ async fn log_events(mut events: tokio::sync::broadcast::Receiver<Event>) {
             Event::Spawned { worker, pid, generation } => tracing::info!(worker, pid, generation, "worker started"),
             Event::Ready { worker } => tracing::info!(worker, "worker ready"),
             Event::Exited { worker, code, signal, expected } => {
+                let how = match (code, signal) {
+                    (_, Some(signal)) => format!("signal {signal}"),
+                    (Some(code), None) => format!("code {code}"),
+                    (None, None) => "unknown status".to_owned(),
+                };
                 if expected {
-                    tracing::info!(worker, ?code, ?signal, "worker exited")
+                    tracing::info!(worker, exit = %how, "worker exited")
                 } else {
-                    tracing::warn!(worker, ?code, ?signal, "worker exited unexpectedly")
+                    tracing::warn!(worker, exit = %how, "worker exited unexpectedly")
                 }
             }
-            Event::Restarting { worker, delay } => tracing::info!(worker, ?delay, "restarting a worker"),
+            Event::Restarting { worker, delay } => {
+                tracing::info!(worker, delay_ms = delay.as_millis() as u64, "restarting a worker")
+            }
             Event::CrashLoop { worker, failures } => tracing::error!(worker, failures, "workers keep failing at start (crash loop)"),
             Event::Wedged { worker } => tracing::warn!(worker, "worker wedged: it did not answer a connection in time; replacing it"),
             Event::Redispatched { worker, connections, reason } => tracing::info!(worker, connections, reason, "connections given to other workers"),
             Event::ReloadStarted { generation } => tracing::info!(generation, "reload started"),
-            Event::ReloadFinished { generation, took } => tracing::info!(generation, ?took, "reload finished"),
+            Event::ReloadFinished { generation, took } => {
+                tracing::info!(generation, took_ms = took.as_millis() as u64, "reload finished")
+            }
             Event::ReloadAborted { reason } => tracing::error!("reload aborted, the previous workers keep serving: {reason}"),
             Event::Stopping => tracing::info!("stopping"),
             Event::Stopped => tracing::info!("stopped"),
