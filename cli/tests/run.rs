@@ -167,9 +167,21 @@ fn run_with_no_command_serves_http_with_its_workers_pids() {
     // SIGHUP: a rolling reload.
     run.signal(rustix::process::Signal::HUP);
     run.wait_line("the reload", |l| l.contains("reload finished"));
-    let status: serde_json::Value =
-        serde_json::from_slice(&handoff().args(["status", "--json", "--control"]).arg(&run.control).output().unwrap().stdout).unwrap();
-    assert!(status["workers"].as_array().unwrap().iter().all(|w| w["generation"] == 2), "{status}");
+    // Every ready worker is new at once; the old ones may still be finishing (draining).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let output = handoff().args(["status", "--json", "--control"]).arg(&run.control).output().unwrap();
+        let status: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        let workers = status["workers"].as_array().unwrap();
+        for worker in workers.iter().filter(|w| w["state"] == "ready") {
+            assert_eq!(worker["generation"], 2, "a ready worker of the old generation after the reload: {status}");
+        }
+        if workers.iter().all(|w| w["generation"] == 2) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the old workers never left: {status}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     // SIGTERM: drained, exit 0, control socket removed.
     run.signal(rustix::process::Signal::TERM);
