@@ -575,3 +575,202 @@ fn unix_path_listener_serves_node_workers() {
         stop(primary).await;
     });
 }
+
+// ---------------------------------------------------------------------------------------------
+// Misbehaving workers and listeners (found by review; each fails without its fix)
+// ---------------------------------------------------------------------------------------------
+
+/// `n` requests at once, each on its own thread; what each got.
+async fn concurrent_requests(addr: SocketAddr, protocol: Protocol, n: usize) -> Vec<Result<u32, String>> {
+    blocking(move || {
+        let threads: Vec<_> = (0..n).map(|_| std::thread::spawn(move || load::request(addr, protocol))).collect();
+        threads.into_iter().map(|t| t.join().unwrap()).collect()
+    })
+    .await
+}
+
+fn events_so_far(events: &mut tokio::sync::broadcast::Receiver<Event>) -> Vec<Event> {
+    std::iter::from_fn(|| events.try_recv().ok()).collect()
+}
+
+/// A worker that serves slowly, one connection at a time, with a timer in its accept loop: its
+/// channel acknowledges each connection at once, so it is busy, not wedged (it is not killed),
+/// and the `accept()` futures its loop drops lose no connection.
+#[test]
+fn a_slow_worker_is_not_taken_for_wedged_and_a_dropped_accept_loses_nothing() {
+    util::serial_test(async {
+        let primary = Primary::builder(util::example("cluster_worker_busy"))
+            .env("SERVE_MS", "400")
+            .workers(2)
+            .listen("127.0.0.1:0".parse().unwrap())
+            .accept_timeout(Duration::from_millis(300))
+            .start()
+            .await
+            .unwrap();
+        util::within("ready", primary.wait_ready()).await.unwrap();
+        let mut events = primary.events();
+        let answers = concurrent_requests(addr(&primary), Protocol::Raw, 8).await;
+        let failed: Vec<&String> = answers.iter().filter_map(|a| a.as_ref().err()).collect();
+        assert!(failed.is_empty(), "failed: {failed:?}");
+        let seen = events_so_far(&mut events);
+        assert!(!seen.iter().any(|e| matches!(e, Event::Wedged { .. } | Event::Exited { .. })), "{seen:?}");
+        stop(primary).await;
+    });
+}
+
+/// Clients of a listener no worker serves (workers listen on the first address only) wait; they
+/// never hold up the listener the workers do serve.
+#[test]
+fn an_unserved_listener_does_not_hold_up_a_served_one() {
+    util::serial_test(async {
+        let primary = rust_workers()
+            .workers(2)
+            .listen("127.0.0.1:0".parse().unwrap())
+            .listen("127.0.0.1:0".parse().unwrap())
+            .max_pending(100)
+            .start()
+            .await
+            .unwrap();
+        util::within("ready", primary.wait_ready()).await.unwrap();
+        let BoundAddr::Tcp(unserved) = primary.local_addrs()[1].clone() else { panic!("TCP") };
+        let idle: Vec<std::net::TcpStream> = (0..150).map(|_| std::net::TcpStream::connect(unserved).unwrap()).collect();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let answers = concurrent_requests(addr(&primary), Protocol::Raw, 10).await;
+        assert!(answers.iter().all(Result::is_ok), "{answers:?}");
+        drop(idle);
+        stop(primary).await;
+    });
+}
+
+/// A worker that never reports ready is killed at the ready timeout, and that counts as a
+/// failure: backoff, then a crash loop reported, not a restart every timeout forever.
+#[test]
+fn a_worker_never_ready_is_a_failure_with_backoff() {
+    util::serial_test(async {
+        let primary = Primary::builder("sleep")
+            .arg("100")
+            .workers(1)
+            .listen("127.0.0.1:0".parse().unwrap())
+            .ready_timeout(Duration::from_millis(200))
+            .restart_delay(Duration::from_millis(50))
+            .start()
+            .await
+            .unwrap();
+        match util::within("the verdict", primary.wait_ready()).await {
+            Err(PrimaryError::NeverReady(reason)) => assert!(reason.contains("was not ready within"), "{reason}"),
+            other => panic!("expected NeverReady, got {other:?}"),
+        }
+        primary.kill().await;
+    });
+}
+
+/// A worker that leaves on its own at once, every time (Node's `cluster.worker.disconnect()`), is
+/// restarted with the crash backoff, not in a tight loop.
+#[test]
+fn a_worker_leaving_on_its_own_is_restarted_with_backoff() {
+    util::serial_test(async {
+        let Some(app) = node_app("leave_app.js") else { return };
+        let primary = app.workers(1).listen("127.0.0.1:0".parse().unwrap()).start().await.unwrap();
+        let mut events = primary.events();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let seen = events_so_far(&mut events);
+        let spawned = seen.iter().filter(|e| matches!(e, Event::Spawned { .. })).count();
+        // 100, 200, 400, 800 ms apart, after Node's own start-up time each.
+        assert!(spawned <= 5, "{spawned} spawns in 1.5 s: {seen:?}");
+        assert!(seen.iter().any(|e| matches!(e, Event::Exited { expected: true, .. })), "{seen:?}");
+        primary.kill().await;
+    });
+}
+
+/// A wedged worker whose replacement crashes at start is killed all the same: its connections
+/// go to the other worker instead of waiting forever.
+#[test]
+fn a_wedged_worker_whose_replacement_fails_is_killed_and_its_connections_served() {
+    util::serial_test(async {
+        let Some(app) = node_app("http_app.js") else { return };
+        let crash_file = std::env::temp_dir().join(format!("handoff-crash-{}", std::process::id()));
+        let _ = std::fs::remove_file(&crash_file);
+        let primary = app
+            .env("CRASH_FILE", &crash_file)
+            .workers(2)
+            .listen("127.0.0.1:0".parse().unwrap())
+            .accept_timeout(Duration::from_millis(300))
+            .ready_timeout(Duration::from_secs(2))
+            .start()
+            .await
+            .unwrap();
+        util::within("ready", primary.wait_ready()).await.unwrap();
+        std::fs::write(&crash_file, "crash").unwrap(); // every new worker crashes from now on
+        let victim = primary.status().await.unwrap().workers[0].pid;
+        kill(victim, rustix::process::Signal::STOP);
+        let answers = concurrent_requests(addr(&primary), Protocol::Http, 6).await;
+        std::fs::remove_file(&crash_file).unwrap();
+        assert!(answers.iter().all(Result::is_ok), "{answers:?}");
+        assert!(!answers.iter().any(|a| *a.as_ref().unwrap() == victim));
+        let status = primary.status().await.unwrap();
+        assert!(!pids(&status).contains(&victim), "the wedged worker was killed: {status:#?}");
+        stop(primary).await;
+    });
+}
+
+/// A wedged worker that dies while its replacement is still starting: the replacement takes
+/// its slot (no third worker for two slots, none left out of a reload).
+#[test]
+fn a_worker_dying_while_its_replacement_starts_leaves_no_extra_worker() {
+    util::serial_test(async {
+        let Some(app) = node_app("http_app.js") else { return };
+        let primary = app
+            .env("START_DELAY_MS", "700")
+            .workers(2)
+            .listen("127.0.0.1:0".parse().unwrap())
+            .accept_timeout(Duration::from_millis(300))
+            .start()
+            .await
+            .unwrap();
+        util::within("ready", primary.wait_ready()).await.unwrap();
+        let mut events = primary.events();
+        let status = primary.status().await.unwrap();
+        let (victim_id, victim) = (status.workers[0].id, status.workers[0].pid);
+        kill(victim, rustix::process::Signal::STOP);
+        let target = addr(&primary);
+        let answers = tokio::spawn(concurrent_requests(target, Protocol::Http, 4));
+        expect_event(&mut events, "the wedge", |e| *e == Event::Wedged { worker: victim_id }).await;
+        kill(victim, rustix::process::Signal::KILL); // its replacement is still in its start delay
+        let answers = util::within("the answers", answers).await.unwrap();
+        assert!(answers.iter().all(Result::is_ok), "{answers:?}");
+        util::within("two ready workers again", primary.wait_ready()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1500)).await; // any second replacement is ready by now
+        let status = primary.status().await.unwrap();
+        assert_eq!(status.workers.len(), 2, "{status:#?}\n{:?}", events_so_far(&mut events));
+        util::within("the reload", primary.reload()).await.unwrap();
+        let status = primary.status().await.unwrap();
+        let ready: Vec<_> = status.workers.iter().filter(|w| w.state == "ready").collect();
+        assert_eq!(ready.len(), 2, "{status:#?}");
+        assert!(ready.iter().all(|w| w.generation == 2), "{status:#?}");
+        stop(primary).await;
+    });
+}
+
+/// Every Node worker's `listen(0)` shares one port, as under Node's primary (one listener per
+/// key), and a worker crashing and coming back does not make the primary bind another.
+#[test]
+fn node_workers_listening_on_port_0_share_one_port() {
+    util::serial_test(async {
+        let Some(app) = node_app("port0_app.js") else { return };
+        let primary = start(app, 3, Schedule::RoundRobin).await;
+        let status = primary.status().await.unwrap();
+        assert_eq!(status.listeners.len(), 2, "the given one and one for port 0: {:?}", status.listeners);
+        let shared: SocketAddr = status.listeners[1].parse().unwrap();
+        let answered: BTreeSet<u32> = requests(shared, Protocol::Raw, 12).await.into_iter().collect();
+        assert_eq!(answered, pids(&status), "every worker serves the port-0 listener");
+        kill(status.workers[0].pid, rustix::process::Signal::KILL);
+        util::within("ready again", async {
+            while primary.status().await.unwrap().workers.iter().filter(|w| w.state == "ready").count() < 3 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert_eq!(primary.status().await.unwrap().listeners.len(), 2);
+        stop(primary).await;
+    });
+}

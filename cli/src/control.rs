@@ -1,8 +1,9 @@
 //! The control socket of `handoff run`, and its clients (`handoff status`, `reload`, `stop`).
 //!
 //! A Unix stream socket in a per-user directory (`$XDG_RUNTIME_DIR/handoff/`, else
-//! `/tmp/handoff-UID/`, mode 0700), the socket itself mode 0600; a connection from another user
-//! (`SO_PEERCRED`) is closed unanswered. One request per connection: a JSON line
+//! `/tmp/handoff-UID/`, created mode 0700; an existing one must be ours and writable by nobody
+//! else), the socket itself mode 0600; a connection from another user (`SO_PEERCRED`) is closed
+//! unanswered. One request per connection: a JSON line
 //! `{"cmd":"status"|"reload"|"stop"}`, answered by one JSON line. A socket file left by a
 //! primary that was killed is replaced; one that a live primary answers on is an error.
 
@@ -32,12 +33,36 @@ pub(crate) fn default_path() -> PathBuf {
 
 /// Binds the control socket at `path` (see the module docs for the rules).
 pub(crate) async fn bind(path: &Path) -> anyhow::Result<UnixListener> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    if !dir.exists() {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt};
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    if std::fs::symlink_metadata(dir).is_err() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    if path.exists() {
+    // Whoever can write the directory can replace the socket and answer in our name.
+    let meta = std::fs::symlink_metadata(dir).with_context(|| format!("cannot read {}", dir.display()))?;
+    let me = rustix::process::geteuid().as_raw();
+    if !meta.is_dir() || meta.uid() != me || meta.mode() & 0o022 != 0 {
+        anyhow::bail!(
+            "the control socket's directory {} is not private (it must be a directory of uid {me}, \
+             writable by nobody else; it is {} of uid {} with mode {:o}): remove it, or pass \
+             another --control path",
+            dir.display(),
+            if meta.is_dir() { "a directory" } else { "not a directory" },
+            meta.uid(),
+            meta.mode() & 0o7777
+        );
+    }
+    if let Ok(existing) = std::fs::symlink_metadata(path) {
+        if !existing.file_type().is_socket() {
+            anyhow::bail!("{} exists and is not a socket: pass another --control path", path.display());
+        }
         if UnixStream::connect(path).await.is_ok() {
             anyhow::bail!(
                 "another handoff primary is running with control socket {} (stop it with `handoff \
@@ -57,7 +82,15 @@ pub(crate) async fn bind(path: &Path) -> anyhow::Result<UnixListener> {
 pub(crate) async fn serve(listener: UnixListener, primary: Arc<Primary>) {
     let me = rustix::process::geteuid();
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                // Out of descriptors, most likely: wait instead of spinning.
+                tracing::warn!(%error, "control socket: accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
         let peer = rustix::net::sockopt::socket_peercred(&stream);
         if !peer.is_ok_and(|cred| cred.uid == me) {
             continue; // another user: closed unanswered

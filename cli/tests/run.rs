@@ -28,6 +28,8 @@ fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("handoff-run-test-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
+    // Private whatever the umask: the primary refuses a control directory others can write.
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
     dir
 }
 
@@ -322,6 +324,31 @@ fn a_second_primary_on_the_same_control_socket_is_refused_and_a_stale_one_is_not
     let out = run.control("stop");
     assert!(out.status.success());
     assert_eq!(run.wait_exit(Duration::from_secs(20)).code(), Some(0));
+}
+
+#[test]
+fn a_control_directory_others_can_write_is_refused() {
+    let dir = scratch("open-dir");
+    let open = dir.join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let out = handoff().arg("run").arg("--control").arg(open.join("c.sock")).args(["--listen", "127.0.0.1:0"]).output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("is not private") && stderr.contains("777"), "{stderr}");
+    assert!(!open.join("c.sock").exists());
+}
+
+#[test]
+fn a_control_path_that_is_not_a_socket_is_refused_and_left_alone() {
+    let dir = scratch("not-socket");
+    let file = dir.join("precious.txt");
+    std::fs::write(&file, "precious").unwrap();
+    let out = handoff().arg("run").arg("--control").arg(&file).args(["--listen", "127.0.0.1:0"]).output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("is not a socket"), "{stderr}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "precious");
 }
 
 #[test]

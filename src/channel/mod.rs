@@ -410,6 +410,14 @@ impl<H> std::fmt::Debug for Delivery<H> {
     }
 }
 
+impl<H> Delivery<H> {
+    /// Whether the outcome is known (acknowledged, or failed), without waiting for it. Once it
+    /// said yes, awaiting the delivery is no longer meaningful (its outcome was consumed).
+    pub(crate) fn is_settled(&mut self) -> bool {
+        !matches!(self.outcome.try_recv(), Err(oneshot::error::TryRecvError::Empty))
+    }
+}
+
 impl<H> Future for Delivery<H> {
     type Output = Result<(), SendHandleError<H>>;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {

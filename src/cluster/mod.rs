@@ -16,7 +16,7 @@ mod protocol;
 pub mod worker;
 
 pub use primary::{
-    BoundAddr, Event, EVENTS, ListenAddr, ParseListenAddrError, Primary, PrimaryBuilder, PrimaryError, ReloadReport, Schedule,
+    BoundAddr, Event, EVENTS, MAX_DURATION, ListenAddr, ParseListenAddrError, Primary, PrimaryBuilder, PrimaryError, ReloadReport, Schedule,
     Status, WorkerOutput, WorkerStatus,
 };
 pub use worker::{listen, Listener, Worker};

@@ -226,11 +226,15 @@ impl Worker {
             backlog: false,
             seq,
         };
-        link.sender.send_protocol(&query).await.map_err(io::Error::other)?;
+        if let Err(error) = link.sender.send_protocol(&query).await {
+            link.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&seq);
+            return Err(io::Error::other(error));
+        }
         let (reply, handle) = match tokio::time::timeout(QUERY_TIMEOUT, answered).await {
             Ok(Ok(answer)) => answer,
             Ok(Err(_)) => return Err(stopped()),
             Err(_) => {
+                link.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&seq);
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!("the cluster primary did not answer the query for {addr} within {QUERY_TIMEOUT:?}"),
@@ -270,13 +274,15 @@ impl Worker {
             local_addr,
             stopping: Some(link.stopping.subscribe()),
             linked: Some((self.clone(), key)),
+            taken: None,
         })
     }
 
     /// Stops this worker on its own initiative, as Node's `cluster.worker.disconnect()`: reports
-    /// its servers closed, tells the primary it is leaving on purpose (`exitedAfterDisconnect`,
-    /// so the primary does not restart it), waits for the primary's answer, and closes the
-    /// channel.
+    /// its servers closed, tells the primary it is leaving on purpose (`exitedAfterDisconnect`:
+    /// not a crash; a handoff primary starts another worker in its place, with the crash backoff
+    /// so a program that leaves at once every time is not restarted in a loop), waits for the
+    /// primary's answer, and closes the channel.
     ///
     /// # Cancel safety
     /// Not cancel safe: the primary may have been told without the channel being closed.
@@ -290,6 +296,7 @@ impl Worker {
         if link.sender.send_protocol(&leaving).await.is_ok() {
             let _ = tokio::time::timeout(QUERY_TIMEOUT, answered).await;
         }
+        link.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&seq);
         link.sender.disconnect();
     }
 }
@@ -412,7 +419,7 @@ pub async fn listen(addr: impl tokio::net::ToSocketAddrs) -> io::Result<Listener
         Some(worker) => worker.listen(addr).await,
         None => {
             let listener = TcpListener::bind(addr).await?;
-            Ok(Listener { local_addr: listener.local_addr()?, mode: Mode::Own(listener), stopping: None, linked: None })
+            Ok(Listener { local_addr: listener.local_addr()?, mode: Mode::Own(listener), stopping: None, linked: None, taken: None })
         }
     }
 }
@@ -426,6 +433,17 @@ pub struct Listener {
     stopping: Option<watch::Receiver<bool>>,
     /// The worker and the server's key, under a primary.
     linked: Option<(Worker, String)>,
+    /// Round-robin: a connection `accept` took from the queue and has not returned yet (kept
+    /// here across its awaits, so a dropped `accept` future loses nothing).
+    taken: Option<Taken>,
+}
+
+#[derive(Debug)]
+struct Taken {
+    seq: u64,
+    stream: TcpStream,
+    /// The primary was sent `accepted: true` for it.
+    answered: bool,
 }
 
 #[derive(Debug)]
@@ -446,34 +464,45 @@ impl Listener {
     /// Cancel safe: no connection is lost if the future is dropped.
     pub async fn accept(&mut self) -> io::Result<(TcpStream, SocketAddr)> {
         let mut stopping = self.stopping.clone();
-        match &mut self.mode {
+        let Listener { mode, linked, taken, .. } = self;
+        match mode {
             Mode::RoundRobin(queue) => loop {
-                let arrived = queue.arrived.notified();
-                let next = queue.lock().pop_front();
-                if let Some((seq, stream)) = next {
-                    // Taken: now it is ours (the primary closes its copy). The answer is on the
-                    // wire before the program touches the connection, so that if this process
-                    // dies while serving it the primary knows it was taken and does not hand it
-                    // to another worker (as Node's worker writes `accepted` synchronously before
-                    // it emits 'connection').
-                    if let Some((worker, _)) = &self.linked {
-                        worker.link.answer(seq, true).await;
-                        let _ = worker.link.sender.flush().await;
-                    }
-                    match stream.peer_addr() {
-                        Ok(peer) => return Ok((stream, peer)),
-                        // The client is already gone (reset while the connection was on its
-                        // way): nothing to serve, take the next one.
-                        Err(error) => {
-                            tracing::debug!(%error, "skipping a connection whose client is gone");
+                if taken.is_none() {
+                    let arrived = queue.arrived.notified();
+                    let next = queue.lock().pop_front();
+                    match next {
+                        Some((seq, stream)) => *taken = Some(Taken { seq, stream, answered: false }),
+                        None if queue.closed.load(Ordering::SeqCst) => return Err(stopped()),
+                        None => {
+                            arrived.await;
                             continue;
                         }
                     }
                 }
-                if queue.closed.load(Ordering::SeqCst) {
-                    return Err(stopped());
+                // Taken: now it is ours (the primary closes its copy). The answer is on the wire
+                // before the program touches the connection, so that if this process dies while
+                // serving it the primary knows it was taken and does not hand it to another
+                // worker (as Node's worker writes `accepted` synchronously before it emits
+                // 'connection'). Answering twice (after a cancelled call) is harmless: the
+                // primary ignores an answer it no longer waits for.
+                if let Some((worker, _)) = linked.as_ref() {
+                    let this = taken.as_mut().expect("taken above");
+                    if !this.answered {
+                        worker.link.answer(this.seq, true).await;
+                        this.answered = true;
+                    }
+                    let _ = worker.link.sender.flush().await;
                 }
-                arrived.await;
+                let Taken { stream, .. } = taken.take().expect("taken above");
+                match stream.peer_addr() {
+                    Ok(peer) => return Ok((stream, peer)),
+                    // The client is already gone (reset while the connection was on its way):
+                    // nothing to serve, take the next one.
+                    Err(error) => {
+                        tracing::debug!(%error, "skipping a connection whose client is gone");
+                        continue;
+                    }
+                }
             },
             Mode::Own(listener) => {
                 let mut retry = AcceptRetry::new();
@@ -520,10 +549,14 @@ impl Drop for Listener {
         let Some((worker, key)) = self.linked.take() else { return };
         let link = worker.link;
         link.round_robin.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
-        let refused = match &self.mode {
+        let mut refused = match &self.mode {
             Mode::RoundRobin(queue) => queue.close(),
             Mode::Own(_) => Vec::new(),
         };
+        // Taken by an `accept` that was dropped before it answered: not ours yet, refused too.
+        if let Some(taken) = self.taken.take().filter(|t| !t.answered) {
+            refused.insert(0, taken.seq);
+        }
         let mut keys = link.keys.lock().unwrap_or_else(|p| p.into_inner());
         let Some(at) = keys.iter().position(|k| *k == key) else { return };
         keys.remove(at);

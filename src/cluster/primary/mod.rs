@@ -40,6 +40,7 @@
 
 mod counts;
 mod listeners;
+mod output;
 mod supervisor;
 
 use std::ffi::{OsStr, OsString};
@@ -184,40 +185,40 @@ impl PrimaryBuilder {
     /// How long a new worker may take to be ready (report `listening`) before it counts as
     /// failed (default 30 s).
     pub fn ready_timeout(mut self, time: Duration) -> Self {
-        self.ready_timeout = time;
+        self.ready_timeout = time.min(MAX_DURATION);
         self
     }
     /// How long a draining worker may take to finish its connections and exit before it gets
     /// `SIGTERM` (default 30 s).
     pub fn drain_timeout(mut self, time: Duration) -> Self {
-        self.drain_timeout = time;
+        self.drain_timeout = time.min(MAX_DURATION);
         self
     }
     /// How long after `SIGTERM` a worker gets `SIGKILL` (its whole process group; default 5 s).
     pub fn kill_timeout(mut self, time: Duration) -> Self {
-        self.kill_timeout = time;
+        self.kill_timeout = time.min(MAX_DURATION);
         self
     }
     /// How long a worker may take to answer a connection it was handed (`accepted`) before it
     /// is reported wedged and replaced (default 10 s).
     pub fn accept_timeout(mut self, time: Duration) -> Self {
-        self.accept_timeout = time;
+        self.accept_timeout = time.min(MAX_DURATION);
         self
     }
     /// First delay before restarting a crashed worker (default 100 ms); doubles with each quick
     /// failure.
     pub fn restart_delay(mut self, time: Duration) -> Self {
-        self.restart_delay = time;
+        self.restart_delay = time.min(MAX_DURATION);
         self
     }
     /// Longest delay between restarts (default 10 s).
     pub fn max_restart_delay(mut self, time: Duration) -> Self {
-        self.max_restart_delay = time;
+        self.max_restart_delay = time.min(MAX_DURATION);
         self
     }
     /// Uptime after which a worker's exit no longer counts as a quick failure (default 10 s).
     pub fn stable_after(mut self, time: Duration) -> Self {
-        self.stable_after = time;
+        self.stable_after = time.min(MAX_DURATION);
         self
     }
     /// Connections accepted and waiting for a worker, at most (default 1024); past that the
@@ -240,7 +241,7 @@ impl PrimaryBuilder {
     /// In shared mode, a worker that never speaks the cluster protocol (a `LISTEN_FDS` program)
     /// counts as ready once it has run this long (default 1 s).
     pub fn silent_ready_after(mut self, time: Duration) -> Self {
-        self.silent_ready_after = time;
+        self.silent_ready_after = time.min(MAX_DURATION);
         self
     }
 
@@ -356,6 +357,10 @@ pub enum Event {
     /// Every worker has exited; the primary has stopped.
     Stopped,
 }
+
+/// Every timeout and delay of [`PrimaryBuilder`] is cut to this (a year): longer ones mean
+/// "never" in practice, and a deadline must stay a time the clock can hold.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// How many lifecycle events a subscriber may fall behind before it loses the oldest.
 pub const EVENTS: usize = 1024;

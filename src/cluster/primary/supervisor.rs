@@ -13,11 +13,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::io::AsyncReadExt;
 use tokio::sync::{broadcast, mpsc, oneshot, watch, Semaphore};
 use tokio::time::Instant;
 
 use super::counts::OpenConnections;
+use super::output;
 use super::listeners::{self, Accepted, BoundAddr, Listener, SharedListener};
 use super::{
     Event, Input, EVENTS, ListenAddr, Primary, PrimaryBuilder, PrimaryError, ReloadReport, Schedule,
@@ -35,6 +35,9 @@ const TICK: Duration = Duration::from_millis(100);
 const EXIT_GRACE: Duration = Duration::from_secs(1);
 /// Inputs waiting for the supervisor, at most (the tasks feeding it wait beyond).
 const INPUTS: usize = 1024;
+
+/// Most listeners workers can make the primary bind on addresses it was not given.
+const MAX_ON_DEMAND: usize = 64;
 
 /// What the [`Primary`] handle asks of the supervisor.
 pub(crate) enum Request {
@@ -71,7 +74,6 @@ pub(super) async fn start(config: PrimaryBuilder) -> Result<Primary, PrimaryErro
     let (requests, requests_rx) = mpsc::channel(64);
     let (events, first_events) = broadcast::channel(EVENTS);
     let (stopped_tx, stopped) = watch::channel(false);
-    let budget = Arc::new(Semaphore::new(config.max_pending));
     let mut supervisor = Supervisor {
         program,
         listeners: Vec::new(),
@@ -79,7 +81,7 @@ pub(super) async fn start(config: PrimaryBuilder) -> Result<Primary, PrimaryErro
         workers: HashMap::new(),
         order: Vec::new(),
         cursor: 0,
-        pending: VecDeque::new(),
+        pending: Vec::new(),
         seq: 0,
         next_id: 1,
         generation: 1,
@@ -91,11 +93,12 @@ pub(super) async fn start(config: PrimaryBuilder) -> Result<Primary, PrimaryErro
         ever_ready: false,
         events: events.clone(),
         inputs: inputs_tx,
-        budget,
         dispatched: 0,
         redispatched: 0,
         dropped: 0,
         open: OpenConnections::new(),
+        output: (config.output == WorkerOutput::Prefixed).then(output::Sinks::start),
+        on_demand: HashMap::new(),
         config,
     };
     for listener in bound {
@@ -195,6 +198,9 @@ struct InFlight {
     seq: u64,
     conn: Conn,
     since: Instant,
+    /// The worker's channel acknowledging the `newconn` (its transport, not its program, which
+    /// may take its time to `accept`).
+    delivery: crate::channel::Delivery<()>,
 }
 
 #[derive(Debug)]
@@ -218,8 +224,25 @@ struct WorkerState {
     exited: bool,
     /// The primary asked it to go, or it said it leaves (`exitedAfterDisconnect`).
     leaving: bool,
+    /// Why it is leaving, which decides what its exit means for its slot.
+    leave: Leave,
     /// Replaces the worker of its slot once ready (reload, or a wedged worker).
     replaces: Option<u32>,
+}
+
+/// Why a worker leaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Leave {
+    /// It is not leaving (an exit is a crash).
+    No,
+    /// The primary drained it (reload, stop, a ready replacement): the slot is taken care of.
+    Drained,
+    /// It said it leaves (`exitedAfterDisconnect`): restarted with the crash backoff, so a
+    /// program that leaves at once every time is not restarted in a tight loop.
+    OnItsOwn,
+    /// The primary killed it as failed (not ready in time, wedged, channel lost): the slot
+    /// restarts with the crash backoff and the failure counts towards a crash loop.
+    Failed,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -265,8 +288,9 @@ struct Supervisor {
     /// Worker ids in the order they were spawned (round-robin order).
     order: Vec<u32>,
     cursor: usize,
-    /// Per listener: connections waiting for a worker.
-    pending: VecDeque<Conn>,
+    /// Per listener: connections waiting for a worker (each listener its own queue and budget,
+    /// so connections nobody serves on one listener never hold up another's).
+    pending: Vec<VecDeque<Conn>>,
     /// The primary's cluster message counter, one for all workers (as Node's).
     seq: u64,
     next_id: u32,
@@ -279,12 +303,15 @@ struct Supervisor {
     ever_ready: bool,
     events: broadcast::Sender<Event>,
     inputs: mpsc::Sender<Input>,
-    budget: Arc<Semaphore>,
     dispatched: u64,
     redispatched: u64,
     dropped: u64,
     /// Round-robin: the connections each worker accepted, to count the open ones.
     open: OpenConnections,
+    /// Where workers' output lines go ([`WorkerOutput::Prefixed`]).
+    output: Option<output::Sinks>,
+    /// Listeners bound because a worker asked for an address we were not given, by Node's key.
+    on_demand: HashMap<String, usize>,
 }
 
 struct ListenerState {
@@ -326,7 +353,7 @@ impl Supervisor {
             }
         }
         // Connections still waiting had no worker to go to.
-        self.dropped += self.pending.len() as u64;
+        self.dropped += self.pending.iter().map(|queue| queue.len() as u64).sum::<u64>();
         self.pending.clear();
         for listener in &mut self.listeners {
             if let Some(task) = listener.accepting.take() {
@@ -368,11 +395,12 @@ impl Supervisor {
     fn add_listener(&mut self, listener: Listener) -> usize {
         let id = self.listeners.len();
         let accepting = (self.config.schedule == Schedule::RoundRobin).then(|| {
-            let (budget, inputs) = (self.budget.clone(), self.inputs.clone());
+            let (budget, inputs) = (Arc::new(Semaphore::new(self.config.max_pending)), self.inputs.clone());
             let listener = listener.clone();
             tokio::spawn(async move { listeners::accept_loop(id, &listener, budget, inputs).await })
         });
         self.listeners.push(ListenerState { listener, accepting });
+        self.pending.push(VecDeque::new());
         id
     }
 
@@ -380,6 +408,12 @@ impl Supervisor {
     /// the worker names one we listen on specifically), or a new one bound on demand.
     fn listener_for(&mut self, query: &Query) -> Result<usize, std::io::Error> {
         use protocol::AddressKind;
+        // Node's primary keeps one handle per key (address, port, type, fd, and the index of the
+        // worker's server with those): every worker's first `listen(0)` shares one port.
+        let key = query.key();
+        if let Some(&found) = self.on_demand.get(&key) {
+            return Ok(found);
+        }
         match query.kind() {
             AddressKind::Udp => {
                 return Err(std::io::Error::from_raw_os_error(libc::ENOTSUP));
@@ -392,19 +426,25 @@ impl Supervisor {
                 if let Some(found) = found {
                     return Ok(found);
                 }
+                self.may_bind_on_demand()?;
                 let addr = ListenAddr::Unix(path.into());
                 remove_stale_socket(std::path::Path::new(path));
                 let listener = Listener::bind(&addr, self.config.schedule == Schedule::RoundRobin)?;
-                return Ok(self.add_listener(listener));
+                let id = self.add_listener(listener);
+                self.on_demand.insert(key, id);
+                return Ok(id);
             }
             AddressKind::Tcp4 | AddressKind::Tcp6 => {}
         }
         let port = query.port().unwrap_or(0);
+        let Ok(port) = u16::try_from(port) else {
+            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+        };
         let host: Option<std::net::IpAddr> = query.host().and_then(|h| h.parse().ok());
         if port != 0 {
             let found = self.listeners.iter().position(|l| match &l.listener.addr {
                 BoundAddr::Tcp(addr) => {
-                    i64::from(addr.port()) == port
+                    addr.port() == port
                         && match host {
                             None => true,
                             Some(ip) => ip.is_unspecified() || addr.ip().is_unspecified() || addr.ip() == ip,
@@ -420,8 +460,22 @@ impl Supervisor {
             AddressKind::Tcp6 => std::net::Ipv6Addr::UNSPECIFIED.into(),
             _ => std::net::Ipv4Addr::UNSPECIFIED.into(),
         });
-        let listener = Listener::bind(&ListenAddr::Tcp((ip, port as u16).into()), self.config.schedule == Schedule::RoundRobin)?;
-        Ok(self.add_listener(listener))
+        self.may_bind_on_demand()?;
+        let listener = Listener::bind(&ListenAddr::Tcp((ip, port).into()), self.config.schedule == Schedule::RoundRobin)?;
+        let id = self.add_listener(listener);
+        self.on_demand.insert(key, id);
+        Ok(id)
+    }
+
+    /// Workers may make the primary listen on addresses it was not given, up to
+    /// [`MAX_ON_DEMAND`] of them (kept until the primary stops, like the others): a worker
+    /// asking for more gets `EMFILE`, and the primary's descriptors stay bounded.
+    fn may_bind_on_demand(&self) -> std::io::Result<()> {
+        if self.on_demand.len() >= MAX_ON_DEMAND {
+            tracing::warn!("workers asked for more than {MAX_ON_DEMAND} addresses of their own; refusing");
+            return Err(std::io::Error::from_raw_os_error(libc::EMFILE));
+        }
+        Ok(())
     }
 
     // -----------------------------------------------------------------------------------------
@@ -453,6 +507,7 @@ impl Supervisor {
                         channel_open: true,
                         exited: false,
                         leaving: false,
+                        leave: Leave::No,
                         replaces,
                     },
                 );
@@ -521,12 +576,12 @@ impl Supervisor {
         let mut child = command.spawn()?;
         let pid = child.id().unwrap_or(0);
         let sender = child.sender().clone();
-        if config.output == WorkerOutput::Prefixed {
+        if let Some(output) = &self.output {
             if let Some(out) = child.process_mut().stdout.take() {
-                tokio::spawn(forward_output(id, out, false));
+                tokio::spawn(output::forward(id, out, output.stdout.clone()));
             }
             if let Some(err) = child.process_mut().stderr.take() {
-                tokio::spawn(forward_output(id, err, true));
+                tokio::spawn(output::forward(id, err, output.stderr.clone()));
             }
         }
         let mut receiver = child.take_receiver().expect("a new child has its receiver");
@@ -605,7 +660,9 @@ impl Supervisor {
         if self.ever_ready || !self.slots.iter().all(|s| s.failures >= CRASH_LOOP) {
             return;
         }
-        let reason = self.slots.iter().find_map(|s| s.last_exit.clone().or_else(|| s.last_error.clone()))
+        // The primary's own finding (not ready in time, cannot start) says more than the exit
+        // status of a worker it killed for it.
+        let reason = self.slots.iter().find_map(|s| s.last_error.clone().or_else(|| s.last_exit.clone()))
             .unwrap_or_else(|| "they exit at once".into());
         let message = format!(
             "every worker failed {CRASH_LOOP} times in a row before it was ready (last: {reason}){}",
@@ -630,10 +687,22 @@ impl Supervisor {
         let (slot, replaces) = (worker.slot, worker.replaces.take());
         self.emit(Event::Ready { worker: id });
         self.ever_ready = true;
-        if let Some(old) = replaces {
+        let holder = self.slots[slot].worker.filter(|&other| other != id && self.workers.get(&other).is_some_and(|w| !w.exited));
+        match (replaces, holder) {
             // The replacement is ready: it takes the slot and the old one drains.
-            self.slots[slot].worker = Some(id);
-            self.drain(old, self.wedged(old));
+            (Some(old), Some(holder)) if holder == old => {
+                self.slots[slot].worker = Some(id);
+                self.drain(old, self.wedged(old));
+            }
+            // The slot is empty (the worker it was to replace died meanwhile): it is this one's.
+            (_, None) => {
+                self.slots[slot].worker = Some(id);
+                self.slots[slot].restart_pending = false;
+            }
+            // Another worker took the slot meanwhile: one too many, this one goes.
+            (_, Some(_)) => {
+                self.drain(id, false);
+            }
         }
         if self.reload.as_ref().and_then(|r| r.current).is_some_and(|(new, _)| new == id) {
             if let Some(reload) = &mut self.reload {
@@ -673,6 +742,7 @@ impl Supervisor {
             return;
         }
         worker.leaving = true;
+        worker.leave = Leave::Drained;
         worker.phase = Phase::Draining;
         let sender = worker.sender.clone();
         let control = worker.control.clone();
@@ -702,7 +772,7 @@ impl Supervisor {
         match input {
             Input::Accepted { listener, conns } => {
                 for (conn, permit) in conns {
-                    self.pending.push_back(Conn { listener, accepted: conn, _permit: permit, refused_by: None });
+                    self.pending[listener].push_back(Conn { listener, accepted: conn, _permit: permit, refused_by: None });
                 }
             }
             Input::FromWorker { worker, message } => self.on_worker_message(worker, message),
@@ -747,7 +817,10 @@ impl Supervisor {
             FromWorker::ExitedAfterDisconnect { seq } => {
                 let reply_seq = self.next_seq();
                 if let Some(worker) = self.workers.get_mut(&id) {
-                    worker.leaving = true;
+                    if !worker.leaving {
+                        worker.leaving = true;
+                        worker.leave = Leave::OnItsOwn;
+                    }
                     let sender = worker.sender.clone();
                     tokio::spawn(async move {
                         let _ = sender.send_protocol(&Ack { cmd: CLUSTER, ack: seq, accepted: None, seq: reply_seq }).await;
@@ -834,15 +907,22 @@ impl Supervisor {
             conn.refused_by = Some(id);
             self.redispatched += 1;
             self.emit(Event::Redispatched { worker: id, connections: 1, reason: "refused" });
-            self.pending.push_front(conn);
+            self.pending[conn.listener].push_front(conn);
         }
     }
 
     fn on_channel_closed(&mut self, id: u32) {
         let Some(worker) = self.workers.get_mut(&id) else { return };
         worker.channel_open = false;
+        // A round-robin worker without its channel gets no connection ever again, yet would hold
+        // its slot for as long as it runs: it is replaced as failed.
+        let orphaned = worker.online && !worker.exited && !worker.leaving && self.config.schedule == Schedule::RoundRobin;
         self.emit(Event::Disconnected { worker: id });
         self.take_back(id, "worker gone");
+        if orphaned {
+            tracing::warn!(worker = id, "the worker closed its channel but goes on running: replacing it");
+            self.kill_now(id, Leave::Failed);
+        }
         self.forget_if_done(id);
     }
 
@@ -856,7 +936,7 @@ impl Supervisor {
         }
         let count = flights.len();
         for flight in flights.into_iter().rev() {
-            self.pending.push_front(flight.conn);
+            self.pending[flight.conn.listener].push_front(flight.conn);
         }
         self.redispatched += count as u64;
         self.emit(Event::Redispatched { worker: id, connections: count, reason });
@@ -867,7 +947,8 @@ impl Supervisor {
         let Some(worker) = self.workers.get_mut(&id) else { return };
         worker.exited = true;
         let (code, signal) = (status.and_then(|s| s.code()), status.and_then(|s| s.signal()));
-        let expected = worker.leaving;
+        let leave = worker.leave;
+        let expected = matches!(leave, Leave::Drained | Leave::OnItsOwn);
         let (slot, was_ready, uptime) = (worker.slot, worker.phase == Phase::Ready || worker.phase == Phase::Draining, worker.spawned_at.elapsed());
         let channel_open = worker.channel_open;
         self.emit(Event::Exited { worker: id, code, signal, expected });
@@ -880,25 +961,26 @@ impl Supervisor {
             self.schedule(Instant::now() + EXIT_GRACE, Timer::ExitGrace(id));
         }
         let serving = self.slots[slot].worker == Some(id);
+        // A replacement on its way takes the slot when ready (not a second worker for it).
+        let replacement = self.workers.values().any(|w| w.replaces == Some(id) && !w.exited && !w.leaving);
         if serving {
             self.slots[slot].worker = None;
             self.slots[slot].last_exit = Some(how);
-            if self.stopping.is_none() {
-                if expected {
-                    // It left on its own initiative (or a reload drained it without a
-                    // replacement): fill the slot again at once.
-                    self.restart_later(slot, Some(id), Duration::ZERO);
-                } else if was_ready && uptime >= self.config.stable_after {
-                    self.slots[slot].failures = 0;
-                    self.slots[slot].crash_loop_reported = false;
-                    self.slot_failed(slot, Some(id));
-                } else {
-                    self.slot_failed(slot, Some(id));
+            if self.stopping.is_none() && !replacement {
+                match leave {
+                    // Drained without a replacement: fill the slot again at once.
+                    Leave::Drained => self.restart_later(slot, Some(id), Duration::ZERO),
+                    // It ran long enough to count as healthy: a fresh run of backoff.
+                    Leave::No | Leave::OnItsOwn if was_ready && uptime >= self.config.stable_after => {
+                        self.slots[slot].failures = 0;
+                        self.slots[slot].crash_loop_reported = false;
+                        self.slot_failed(slot, Some(id));
+                    }
+                    Leave::No | Leave::OnItsOwn | Leave::Failed => self.slot_failed(slot, Some(id)),
                 }
             }
-        } else if let Some(old) = self.workers.get(&id).and_then(|w| w.replaces) {
+        } else if self.workers.get(&id).is_some_and(|w| w.replaces.is_some()) {
             // A replacement died before it was ready.
-            let _ = old;
             self.replacement_failed(id, format!("new worker {id} exited ({how}) before it was ready"));
         }
         self.forget_if_done(id);
@@ -970,7 +1052,7 @@ impl Supervisor {
                     if serving {
                         self.slots[slot].last_error = Some(reason);
                         // Kill it: its exit then counts as a failure of the slot.
-                        self.kill_now(id);
+                        self.kill_now(id, Leave::Failed);
                     } else {
                         self.replacement_failed(id, reason);
                     }
@@ -1007,24 +1089,32 @@ impl Supervisor {
         }
     }
 
-    fn kill_now(&mut self, id: u32) {
+    /// SIGKILL to the worker's process group; `leave` says what its exit will mean.
+    fn kill_now(&mut self, id: u32, leave: Leave) {
         if let Some(worker) = self.workers.get_mut(&id) {
+            if !worker.leaving || worker.leave == Leave::OnItsOwn {
+                worker.leave = leave;
+            }
             worker.leaving = true;
             let _ = worker.control.try_send(libc::SIGKILL);
         }
     }
 
-    /// A worker that has not answered a connection within the accept timeout is wedged: it gets
-    /// no more, and a replacement is started; once that is ready the wedged one is killed and its
-    /// connections go to others.
+    /// A worker whose channel has not acknowledged a connection within the accept timeout is
+    /// wedged (stopped, or its event loop blocked): it gets no more, and a replacement is started;
+    /// once that is ready the wedged one is killed and its connections go to others. A worker
+    /// whose channel acknowledged its connections but whose program is slow to `accept` them is
+    /// busy, not wedged: it gets no more than `window` and is left to finish.
     fn check_wedged(&mut self) {
         let timeout = self.config.accept_timeout;
         let wedged: Vec<u32> = self
             .workers
-            .values()
+            .values_mut()
             .filter(|w| w.phase == Phase::Ready && !w.leaving)
-            .filter(|w| w.in_flight.front().is_some_and(|f| f.since.elapsed() >= timeout))
-            .map(|w| w.id)
+            .filter_map(|w| {
+                let stuck = w.in_flight.iter_mut().any(|f| f.since.elapsed() >= timeout && !f.delivery.is_settled());
+                stuck.then_some(w.id)
+            })
             .collect();
         for id in wedged {
             let Some(worker) = self.workers.get_mut(&id) else { continue };
@@ -1033,13 +1123,13 @@ impl Supervisor {
             tracing::warn!(worker = id, "worker did not answer a connection within {timeout:?}: wedged, replacing it");
             self.emit(Event::Wedged { worker: id });
             if self.stopping.is_some() {
-                self.kill_now(id);
+                self.kill_now(id, Leave::Drained);
                 continue;
             }
             let generation = self.generation;
             if self.spawn_worker(slot, Some(id), generation).is_none() {
                 // No replacement possible now: kill it anyway, the slot restarts as after a crash.
-                self.kill_now(id);
+                self.kill_now(id, Leave::Failed);
             }
         }
     }
@@ -1048,41 +1138,18 @@ impl Supervisor {
     // Dispatch (round-robin)
     // -----------------------------------------------------------------------------------------
 
-    /// Hands waiting connections to free workers, in order, round-robin.
+    /// Hands waiting connections to free workers, in order, round-robin; each listener's queue
+    /// on its own, up to the first connection no worker can take now.
     fn dispatch(&mut self) {
-        let mut skipped = VecDeque::new();
-        // Listeners with no free worker (a bit each, the first 64): their connections wait
-        // without another look.
-        let mut full = 0u64;
-        let all = if self.listeners.len() >= 64 { u64::MAX } else { (1u64 << self.listeners.len()) - 1 };
-        let bit = |listener: usize| if listener < 64 { 1u64 << listener } else { 0 };
-        while let Some(conn) = self.pending.pop_front() {
-            if full & bit(conn.listener) != 0 {
-                skipped.push_back(conn);
-            } else {
-                match self.pick(conn.listener, conn.refused_by) {
-                    Some(id) => {
-                        if let Err(conn) = self.hand_over(id, conn) {
-                            skipped.push_back(conn);
-                        }
-                    }
-                    None => {
-                        // (Refused elsewhere or not, no worker of this listener is free.)
-                        full |= bit(conn.listener);
-                        skipped.push_back(conn);
-                        if full == all && self.listeners.len() <= 64 {
-                            break;
-                        }
-                    }
+        for listener in 0..self.pending.len() {
+            while let Some(front) = self.pending[listener].front() {
+                let Some(id) = self.pick(listener, front.refused_by) else { break };
+                let conn = self.pending[listener].pop_front().expect("looked at above");
+                if let Err(conn) = self.hand_over(id, conn) {
+                    self.pending[listener].push_front(conn);
+                    break;
                 }
             }
-            if skipped.len() > 64 {
-                // Nobody can take these now: stop looking until something changes.
-                break;
-            }
-        }
-        while let Some(conn) = skipped.pop_back() {
-            self.pending.push_front(conn);
         }
     }
 
@@ -1119,8 +1186,8 @@ impl Supervisor {
         match worker.sender.try_queue_protocol_handle(&message, conn.accepted.clone()) {
             // The delivery (the channel's acknowledgement) is not waited for: the worker's
             // `accepted` is what counts, and the channel closing is seen by its reader.
-            Ok(_delivery) => {
-                worker.in_flight.push_back(InFlight { seq, conn, since: Instant::now() });
+            Ok(delivery) => {
+                worker.in_flight.push_back(InFlight { seq, conn, since: Instant::now(), delivery });
                 self.dispatched += 1;
                 Ok(())
             }
@@ -1195,15 +1262,25 @@ impl Supervisor {
         }
     }
 
-    /// A replacement did not become ready: kill it; during a reload, stop the reload.
+    /// A replacement did not become ready: kill it; during a reload, stop the reload. The worker
+    /// it was to replace serves on, unless it is wedged (it cannot serve: killed too, its
+    /// connections go to others and its slot restarts as after a crash) or gone (its slot is
+    /// empty: restarted as after a crash).
     fn replacement_failed(&mut self, id: u32, reason: String) {
-        self.kill_now(id);
+        self.kill_now(id, Leave::Failed);
         let in_reload = self.reload.as_ref().and_then(|r| r.current).is_some_and(|(new, _)| new == id);
-        if let Some(worker) = self.workers.get_mut(&id) {
-            worker.replaces = None;
-        }
+        let (slot, replaced) = match self.workers.get_mut(&id) {
+            Some(worker) => (worker.slot, worker.replaces.take()),
+            None => return,
+        };
         if in_reload {
             self.abort_reload(reason);
+        }
+        if let Some(old) = replaced.filter(|&old| self.wedged(old)) {
+            self.kill_now(old, Leave::Failed);
+        }
+        if self.slots[slot].worker.is_none() && self.stopping.is_none() {
+            self.slot_failed(slot, Some(id));
         }
     }
 
@@ -1237,7 +1314,7 @@ impl Supervisor {
             if graceful {
                 self.drain(id, false);
             } else {
-                self.kill_now(id);
+                self.kill_now(id, Leave::Drained);
             }
         }
     }
@@ -1280,7 +1357,7 @@ impl Supervisor {
             },
             workers,
             desired_workers: self.slots.len(),
-            pending_connections: self.pending.len(),
+            pending_connections: self.pending.iter().map(VecDeque::len).sum(),
             reloading: self.reload.is_some(),
             stopping: self.stopping.is_some(),
             connections_dispatched: self.dispatched,
@@ -1318,43 +1395,4 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-/// Copies a worker's output line by line to ours, prefixed with its id.
-async fn forward_output(id: u32, mut from: impl tokio::io::AsyncRead + Unpin, stderr: bool) {
-    use std::io::Write;
-    const MAX_LINE: usize = 64 * 1024;
-    let mut buf = vec![0u8; 16 * 1024];
-    let mut line = Vec::new();
-    let emit = |line: &[u8]| {
-        let prefix = format!("[worker {id}] ");
-        if stderr {
-            let mut out = std::io::stderr().lock();
-            let _ = out.write_all(prefix.as_bytes()).and_then(|()| out.write_all(line)).and_then(|()| out.write_all(b"\n"));
-        } else {
-            let mut out = std::io::stdout().lock();
-            let _ = out.write_all(prefix.as_bytes()).and_then(|()| out.write_all(line)).and_then(|()| out.write_all(b"\n"));
-            let _ = out.flush();
-        }
-    };
-    loop {
-        let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        for &byte in &buf[..n] {
-            if byte == b'\n' {
-                emit(&line);
-                line.clear();
-            } else {
-                line.push(byte);
-                if line.len() >= MAX_LINE {
-                    emit(&line);
-                    line.clear();
-                }
-            }
-        }
-    }
-    if !line.is_empty() {
-        emit(&line);
-    }
-}
 
