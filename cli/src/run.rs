@@ -32,7 +32,8 @@ pub(crate) struct RunArgs {
     /// Seconds a new worker may take to report it is listening.
     #[arg(long, value_name = "SECS", default_value_t = 30.0)]
     ready_timeout: f64,
-    /// Seconds a worker may take to answer a connection it was handed before it is replaced.
+    /// Seconds a worker's channel may take to acknowledge a connection it was handed before the
+    /// worker counts as wedged (stopped or blocked) and is replaced.
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]
     accept_timeout: f64,
     /// The control socket (`handoff status/reload/stop` talk to it).

@@ -199,8 +199,10 @@ impl PrimaryBuilder {
         self.kill_timeout = time.min(MAX_DURATION);
         self
     }
-    /// How long a worker may take to answer a connection it was handed (`accepted`) before it
-    /// is reported wedged and replaced (default 10 s).
+    /// How long a worker's channel may take to acknowledge a connection it was handed before the
+    /// worker is reported wedged (stopped, or its event loop blocked) and replaced (default
+    /// 10 s). A worker whose channel acknowledges but whose program is slow to accept is busy,
+    /// not wedged: it gets at most [`window`](PrimaryBuilder::window) connections meanwhile.
     pub fn accept_timeout(mut self, time: Duration) -> Self {
         self.accept_timeout = time.min(MAX_DURATION);
         self
@@ -221,8 +223,8 @@ impl PrimaryBuilder {
         self.stable_after = time.min(MAX_DURATION);
         self
     }
-    /// Connections accepted and waiting for a worker, at most (default 1024); past that the
-    /// primary stops accepting and clients wait in the kernel's backlog.
+    /// Connections accepted on one listener and waiting for a worker, at most (default 1024);
+    /// past that the primary stops accepting there and clients wait in the kernel's backlog.
     pub fn max_pending(mut self, connections: usize) -> Self {
         self.max_pending = connections.max(1);
         self
@@ -314,7 +316,8 @@ pub enum Event {
         /// Quick failures in a row.
         failures: u32,
     },
-    /// A worker did not answer a connection within the accept timeout; it is being replaced.
+    /// A worker's channel did not acknowledge a connection within the accept timeout; it is
+    /// being replaced.
     Wedged {
         /// The worker.
         worker: u32,
