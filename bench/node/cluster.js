@@ -37,5 +37,6 @@ if (cluster.isPrimary && process.argv[2] === 'primary') {
     process.exit(1)
   })
 } else {
+  dieWithParent() // whatever the primary: no worker outlives a killed run
   net.createServer((socket) => socket.end(REPLY)).listen(Number(process.env.PORT || 0), '127.0.0.1')
 }

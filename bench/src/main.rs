@@ -2,7 +2,7 @@
 //! one run. See BENCHMARKS.md.
 //!
 //! ```text
-//! cargo run --release -p handoff-bench                 # everything, ~4 minutes on 2 cores
+//! cargo run --release -p handoff-bench                 # everything, ~7 minutes on 2 cores
 //! cargo run --release -p handoff-bench -- --quick      # ~1 minute smoke run
 //! cargo run --release -p handoff-bench -- --only msg-64B,seed --runs 5
 //! cargo run --release -p handoff-bench -- --list
