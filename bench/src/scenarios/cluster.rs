@@ -5,9 +5,9 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 
-use super::{loadgen, num, Load};
+use super::{loadgen, num, start_server, warm_up, Load};
 use crate::harness::{node, rust, with_child, Ctx, MetricSpec, Sample, Scenario, VariantSpec};
-use crate::procs::{cpu_seconds, machine_cpu, Proc};
+use crate::procs::{cpu_seconds, machine_cpu};
 
 pub struct Cluster {
     /// `rr` or `shared`.
@@ -79,21 +79,12 @@ impl Scenario for Cluster {
         metrics
     }
     fn run(&self, ctx: &Ctx, variant: &str) -> Result<Sample> {
-        let argv = self.server(ctx, variant)?;
-        let mut server = Proc::spawn(&format!("{}/{variant}", self.name()), &argv, &[], None)?;
-        let ready = server.wait_result("seed-ready", std::time::Instant::now() + Duration::from_secs(30))?;
-        let addr = ready["addr"].as_str().context("no addr")?.to_owned();
-        let pids: Vec<u32> =
-            ready["pids"].as_array().context("no pids")?.iter().filter_map(|p| p.as_u64()).map(|p| p as u32).collect();
+        let (mut server, addr, pids) = start_server(&format!("{}/{variant}", self.name()), &self.server(ctx, variant)?, &[])?;
         if pids.len() != 3 {
             bail!("expected a primary and two workers, got pids {pids:?}");
         }
         let cpu = |pids: &[u32]| -> Result<f64> { pids.iter().map(|&p| cpu_seconds(p)).sum() };
-        let warm = loadgen(ctx, &addr, Load::Connections(ctx.seed_warmup), Duration::from_secs(60))
-            .with_context(|| format!("warm-up{}", server.stderr_tail()))?;
-        if num(&warm, "errors")? > 0.0 {
-            bail!("warm-up had errors: {warm}{}", server.stderr_tail());
-        }
+        warm_up(ctx, &addr, &server)?;
         let (primary0, all0, machine0) = (cpu(&pids[..1])?, cpu(&pids)?, machine_cpu()?);
         let load = loadgen(ctx, &addr, Load::Secs(ctx.seed_secs), Duration::from_secs_f64(ctx.seed_secs + 60.0))
             .with_context(|| format!("load{}", server.stderr_tail()))?;

@@ -53,6 +53,28 @@ pub fn run_pair(
     Ok(value)
 }
 
+/// Starts a server command (`name` for messages) and waits for its
+/// `BENCH {"role":"seed-ready","addr":...,"pids":[...]}` line; returns the server, its address
+/// and the pids of its processes (0s left out).
+pub fn start_server(name: &str, argv: &[String], env: &[(&str, String)]) -> Result<(Proc, String, Vec<u32>)> {
+    let mut server = Proc::spawn(name, argv, env, None)?;
+    let ready = server.wait_result("seed-ready", Instant::now() + Duration::from_secs(30))?;
+    let Some(addr) = ready["addr"].as_str() else { bail!("{name}: no addr in {ready}") };
+    let Some(pids) = ready["pids"].as_array() else { bail!("{name}: no pids in {ready}") };
+    let pids = pids.iter().filter_map(|p| p.as_u64()).filter(|&p| p > 0).map(|p| p as u32).collect();
+    Ok((server, addr.to_owned(), pids))
+}
+
+/// `ctx.seed_warmup` connections before measuring; any error fails the run.
+pub fn warm_up(ctx: &Ctx, addr: &str, server: &Proc) -> Result<()> {
+    let warm = loadgen(ctx, addr, Load::Connections(ctx.seed_warmup), Duration::from_secs(60))
+        .map_err(|e| e.context(format!("warm-up{}", server.stderr_tail())))?;
+    if num(&warm, "errors")? > 0.0 {
+        bail!("warm-up had errors: {warm}{}", server.stderr_tail());
+    }
+    Ok(())
+}
+
 /// How long the load generator runs.
 pub enum Load {
     Secs(f64),

@@ -1,11 +1,11 @@
 //! The seed pipeline under load.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 
-use super::{loadgen, num, Load};
+use super::{loadgen, num, start_server, warm_up, Load};
 use crate::harness::{node, rust, split_runtime, with_child, Ctx, MetricSpec, Sample, Scenario, VariantSpec};
 use crate::procs::{cpu_seconds, machine_cpu, Proc};
 
@@ -42,19 +42,7 @@ impl Seed {
     /// Starts a server variant; returns it with its address and the pids of its processes.
     pub fn start(ctx: &Ctx, variant: &str) -> Result<(Proc, String, Vec<u32>)> {
         let (base, env) = split_runtime(variant);
-        let argv = Seed::server(ctx, base)?;
-        let mut server = Proc::spawn(&format!("seed/{variant}"), &argv, &env, None)?;
-        let ready = server.wait_result("seed-ready", Instant::now() + Duration::from_secs(20))?;
-        let addr = ready["addr"].as_str().context("no addr")?.to_owned();
-        let pids: Vec<u32> = ready["pids"]
-            .as_array()
-            .context("no pids")?
-            .iter()
-            .filter_map(|p| p.as_u64())
-            .filter(|&p| p > 0)
-            .map(|p| p as u32)
-            .collect();
-        Ok((server, addr, pids))
+        start_server(&format!("seed/{variant}"), &Seed::server(ctx, base)?, &env)
     }
 }
 
@@ -109,11 +97,7 @@ impl Scenario for Seed {
     }
     fn run(&self, ctx: &Ctx, variant: &str) -> Result<Sample> {
         let (mut server, addr, pids) = Seed::start(ctx, variant)?;
-        let warm = loadgen(ctx, &addr, Load::Connections(ctx.seed_warmup), Duration::from_secs(60))
-            .with_context(|| format!("warm-up{}", server.stderr_tail()))?;
-        if num(&warm, "errors")? > 0.0 {
-            bail!("warm-up had errors: {warm}{}", server.stderr_tail());
-        }
+        warm_up(ctx, &addr, &server)?;
         let cpu0 = cpu_total(&pids)?;
         let machine0 = machine_cpu()?;
         let timeout = Duration::from_secs_f64(ctx.seed_secs + 60.0);
