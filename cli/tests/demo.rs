@@ -1,16 +1,8 @@
 //! `handoff demo`, as a newcomer runs it: with the built-in child and with the seed's Node child.
 
-use std::process::Command;
+mod util;
 
-fn handoff() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_handoff"))
-}
-
-fn node_available() -> bool {
-    let found = Command::new("node").arg("--version").output().is_ok_and(|o| o.status.success());
-    assert!(found || std::env::var_os("CI").is_none(), "node is required in CI");
-    found
-}
+use util::{handoff, node_available};
 
 #[test]
 fn demo_with_built_in_child_answers_every_request() {

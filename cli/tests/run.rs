@@ -5,19 +5,13 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-fn handoff() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_handoff"))
-}
+mod util;
 
-fn node_available() -> bool {
-    let found = Command::new("node").arg("--version").output().is_ok_and(|o| o.status.success());
-    assert!(found || std::env::var_os("CI").is_none(), "node is required in CI");
-    found
-}
+use util::{handoff, node_available};
 
 fn node_script(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/node").join(name)

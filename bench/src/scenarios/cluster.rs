@@ -5,7 +5,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 
-use super::{loadgen, num, start_server, warm_up, Load};
+use super::{finish_load, loadgen, num, start_server, warm_up, Load};
 use crate::harness::{node, rust, with_child, Ctx, MetricSpec, Sample, Scenario, VariantSpec};
 use crate::procs::{cpu_seconds, machine_cpu};
 
@@ -90,11 +90,7 @@ impl Scenario for Cluster {
             .with_context(|| format!("load{}", server.stderr_tail()))?;
         let (primary1, all1, machine1) =
             (cpu(&pids[..1])?, cpu(&pids).context("a server process died during the run")?, machine_cpu()?);
-        server.kill();
-        let ok = num(&load, "ok")?;
-        if ok < 1.0 {
-            bail!("no connection succeeded: {load}");
-        }
+        let ok = finish_load(&load, &mut server)?;
         let mut sample = Sample::default();
         sample
             .set("conn_per_s", num(&load, "conn_per_s")?)

@@ -75,6 +75,17 @@ pub fn warm_up(ctx: &Ctx, addr: &str, server: &Proc) -> Result<()> {
     Ok(())
 }
 
+/// Stops the server after a measured load and returns how many connections succeeded; none is
+/// an error.
+pub fn finish_load(load: &Value, server: &mut Proc) -> Result<f64> {
+    server.kill();
+    let ok = num(load, "ok")?;
+    if ok < 1.0 {
+        bail!("no connection succeeded: {load}");
+    }
+    Ok(ok)
+}
+
 /// How long the load generator runs.
 pub enum Load {
     Secs(f64),

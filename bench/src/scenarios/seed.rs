@@ -5,7 +5,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 
-use super::{loadgen, num, start_server, warm_up, Load};
+use super::{finish_load, loadgen, num, start_server, warm_up, Load};
 use crate::harness::{node, rust, split_runtime, with_child, Ctx, MetricSpec, Sample, Scenario, VariantSpec};
 use crate::procs::{cpu_seconds, machine_cpu, Proc};
 
@@ -106,11 +106,7 @@ impl Scenario for Seed {
         let cpu1 = cpu_total(&pids).context("a server process died during the run")?;
         let machine1 = machine_cpu()?;
         let busy = (machine1.0 - machine0.0) / (machine1.1 - machine0.1).max(1e-9);
-        server.kill();
-        let ok = num(&load, "ok")?;
-        if ok < 1.0 {
-            bail!("no connection succeeded: {load}");
-        }
+        let ok = finish_load(&load, &mut server)?;
         let mut sample = Sample::default();
         sample
             .set("conn_per_s", num(&load, "conn_per_s")?)
