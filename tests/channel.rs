@@ -295,3 +295,53 @@ fn received_handles_convert_with_try_from() {
         socket.unwrap();
     })
 }
+
+/// `EPOLLOUT`: a channel socket polled for it is woken each time the peer reads a message.
+const EPOLLOUT: u32 = 0x4;
+
+/// A channel waits for writability only while a write waits for room: an idle or flowing
+/// channel is not woken each time the peer reads one of its messages (a context switch per
+/// handle in the seed pipeline), and a flooded one still finishes its writes.
+#[test]
+fn a_channel_is_polled_for_writing_only_while_a_write_waits() {
+    use std::os::fd::{AsRawFd, OwnedFd};
+    util::serial_test(async {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let raw = ours.as_raw_fd();
+        let a = Channel::from_fd(OwnedFd::from(ours)).unwrap();
+        let mut b = Channel::from_fd(OwnedFd::from(theirs)).unwrap();
+        a.send(&"hello").await.unwrap();
+        assert_eq!(util::within("hello", b.recv_as::<String>()).await.unwrap().unwrap().0, "hello");
+        let masks = util::epoll_registrations(raw);
+        assert_eq!(masks.len(), 1, "registered once: {masks:x?}");
+        assert_eq!(masks[0] & EPOLLOUT, 0, "polled for writing while idle: {:x}", masks[0]);
+
+        // Fill the socket while nobody reads: a write waits, and is polled for.
+        let big = "x".repeat(1 << 20);
+        let sending = tokio::spawn({
+            let a = a.sender().clone();
+            let big = big.clone();
+            async move {
+                for _ in 0..4 {
+                    a.send(&big).await.unwrap();
+                }
+                a.flush().await.unwrap();
+            }
+        });
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        while util::epoll_registrations(raw).len() < 2 {
+            assert!(tokio::time::Instant::now() < deadline, "a blocked write never waited for room");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        for _ in 0..4 {
+            assert_eq!(util::within("big", b.recv_as::<String>()).await.unwrap().unwrap().0.len(), big.len());
+        }
+        util::within("flush", sending).await.unwrap();
+        // Everything written: no longer polled for writing.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        while util::epoll_registrations(raw).iter().any(|m| m & EPOLLOUT != 0) {
+            assert!(tokio::time::Instant::now() < deadline, "still polled for writing once idle");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    })
+}

@@ -379,3 +379,40 @@ fn a_connection_that_cannot_be_delivered_comes_back_counted() {
         assert_eq!(server.local_connections(), 0);
     })
 }
+
+/// A connection is registered with tokio's reactor only if this process reads or writes it: one
+/// handed straight to a child costs no registration (no `epoll_ctl` pair, no spurious wake-up).
+/// One served here still works, registered on first use.
+#[test]
+fn connections_are_registered_only_when_used_here() {
+    use std::os::fd::{AsFd, AsRawFd};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    util::serial_test(async {
+        let server = local_server().await;
+        let addr = server.local_addr().unwrap();
+        let child = echo_child().spawn().unwrap();
+
+        let mut sent = client(addr);
+        let connection = server.accept().await.unwrap();
+        let raw = connection.as_fd().as_raw_fd();
+        assert!(util::epoll_registrations(raw).is_empty(), "registered before any use");
+        child.send_handle(&"socket", connection).await.unwrap();
+        assert_echo(&mut sent);
+
+        let served = std::thread::spawn(move || {
+            let mut stream = client(addr);
+            stream.write_all(b"here").unwrap();
+            let mut buf = [0u8; 4];
+            stream.read_exact(&mut buf).unwrap();
+            buf
+        });
+        let mut connection = server.accept().await.unwrap();
+        let raw = connection.as_fd().as_raw_fd();
+        assert!(util::epoll_registrations(raw).is_empty(), "registered before any use");
+        let mut buf = [0u8; 4];
+        connection.read_exact(&mut buf).await.unwrap();
+        connection.write_all(&buf).await.unwrap();
+        assert_eq!(util::epoll_registrations(connection.as_fd().as_raw_fd()).len(), 1, "registered once used");
+        assert_eq!(&served.join().unwrap(), b"here");
+    })
+}

@@ -57,6 +57,9 @@ pub fn frame(size: usize) -> Vec<u8> {
 /// `child.send('h', socket)`).
 pub const HANDLE_FRAME: &[u8] = b"{\"cmd\":\"NODE_HANDLE\",\"type\":\"net.Socket\",\"msg\":\"h\"}\n";
 
+/// Node's acknowledgement of one handle, as the bare reference's child writes it.
+pub const ACK: &[u8] = b"{\"cmd\":\"NODE_HANDLE_ACK\"}\n";
+
 /// The seed child's answer.
 pub const REPLY: &str = "Child handled it.";
 

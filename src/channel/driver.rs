@@ -27,13 +27,12 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use tokio::io::Interest;
-use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 use tokio::time::Instant;
 
 use super::envelope::{self, HandleEnvelope};
 use super::frame::{Decoded, Decoder, Frame};
+use super::socket::ChannelSocket;
 use super::{
     carries_handle, excerpt, queued_cost, ChannelConfig, Command, InternalMessage, Message,
     Outgoing, RecvError, SendError, Shared,
@@ -210,7 +209,7 @@ impl Owed {
 }
 
 pub(crate) struct Driver {
-    stream: UnixStream,
+    socket: ChannelSocket,
     config: ChannelConfig,
     shared: Arc<Shared>,
     commands: mpsc::UnboundedReceiver<Command>,
@@ -248,14 +247,14 @@ pub(crate) struct Driver {
 
 impl Driver {
     pub(crate) fn new(
-        stream: UnixStream,
+        socket: ChannelSocket,
         config: ChannelConfig,
         shared: Arc<Shared>,
         commands: mpsc::UnboundedReceiver<Command>,
         messages: mpsc::UnboundedSender<Result<Message, RecvError>>,
     ) -> Driver {
         Driver {
-            stream,
+            socket,
             decoder: Decoder::new(config.max_frame_len).with_max_depth(config.max_depth),
             config,
             shared,
@@ -327,6 +326,16 @@ impl Driver {
                 break;
             }
             let want_write = self.has_unwritten() && !self.peer_gone;
+            if !want_write {
+                self.socket.write_idle();
+            } else if !self.socket.is_write_blocked() {
+                // Not blocked, yet something is left: only possible if a write was cut short
+                // without EAGAIN; wait for room the safe way.
+                if let Err(e) = self.socket.write_blocked() {
+                    self.report(RecvError::Io(e));
+                    break;
+                }
+            }
             let may_read = self.may_read();
             // Not reading for want of room in the receive queue: wake when the user takes some.
             let recv_full = !may_read && self.recv_full();
@@ -336,13 +345,13 @@ impl Driver {
                     Some(command) => self.on_command(command),
                     None => self.commands_open = false,
                 },
-                ready = self.stream.writable(), if want_write => {
+                ready = self.socket.writable(), if want_write => {
                     if let Err(e) = ready {
                         self.report(RecvError::Io(e));
                         break;
                     }
                 }
-                ready = self.stream.readable(), if may_read => {
+                ready = self.socket.readable(), if may_read => {
                     if let Err(e) = ready {
                         self.report(RecvError::Io(e));
                         break;
@@ -377,7 +386,7 @@ impl Driver {
             if (!want_write && !want_read) || self.peer_gone || left.is_zero() {
                 return;
             }
-            if sys::wait_socket(self.stream.as_fd(), want_read, want_write, left).is_err() {
+            if sys::wait_socket(self.socket.fd(), want_read, want_write, left).is_err() {
                 return;
             }
             if want_read {
@@ -454,14 +463,21 @@ impl Driver {
             && self.owed.is_empty()
     }
 
-    /// One `sendmsg`: through tokio's readiness while the runtime runs, directly when lingering.
-    fn send(&self, bufs: &[IoSlice<'_>], fds: &[std::os::fd::BorrowedFd<'_>]) -> io::Result<usize> {
-        let send = || sys::send_with_fds(self.stream.as_fd(), bufs, fds);
-        if self.lingering {
-            send()
-        } else {
-            self.stream.try_io(Interest::WRITABLE, send)
+    /// One `sendmsg`, tried directly (see [`ChannelSocket`]); a full buffer registers for
+    /// writability while the runtime runs (when lingering, [`Driver::linger`] polls instead).
+    fn send(
+        socket: &mut ChannelSocket,
+        lingering: bool,
+        bufs: &[IoSlice<'_>],
+        fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> io::Result<usize> {
+        let result = sys::send_with_fds(socket.fd(), bufs, fds);
+        if let Err(e) = &result {
+            if e.kind() == io::ErrorKind::WouldBlock && !lingering {
+                socket.write_blocked()?;
+            }
         }
+        result
     }
 
     fn absorb_commands(&mut self) {
@@ -568,7 +584,7 @@ impl Driver {
         }
         loop {
             if self.owed.out_written < self.owed.out.len() {
-                let result = self.send(&[IoSlice::new(&self.owed.out[self.owed.out_written..])], &[]);
+                let result = Driver::send(&mut self.socket, self.lingering, &[IoSlice::new(&self.owed.out[self.owed.out_written..])], &[]);
                 match result {
                     Ok(n) => self.owed.out_written += n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
@@ -593,7 +609,7 @@ impl Driver {
                 // A handle frame starts its own sendmsg, carrying the fd with its first byte, and
                 // nothing after it rides on that sendmsg (the receiver binds fds to the last
                 // handle frame starting in a read).
-                self.send(&[IoSlice::new(&front.bytes)], &[handle.fd()])
+                Driver::send(&mut self.socket, self.lingering, &[IoSlice::new(&front.bytes)], &[handle.fd()])
             } else if front.bytes.len() - self.front_written < SMALL_FRAME {
                 // Small frames are copied into one buffer: the kernel's per-segment cost for a
                 // writev of many tiny iovecs is far above a userspace memcpy.
@@ -608,7 +624,7 @@ impl Driver {
                         break;
                     }
                 }
-                self.send(&[IoSlice::new(&self.staging)], &[])
+                Driver::send(&mut self.socket, self.lingering, &[IoSlice::new(&self.staging)], &[])
             } else {
                 // Large frames go out as they are, gathered without copying.
                 let mut iov = [IoSlice::new(&[]); MAX_IOVECS];
@@ -626,7 +642,7 @@ impl Driver {
                         break;
                     }
                 }
-                self.send(&iov[..count], &[])
+                Driver::send(&mut self.socket, self.lingering, &iov[..count], &[])
             };
             match result {
                 Ok(n) => self.advance(n),
@@ -681,9 +697,9 @@ impl Driver {
             let mut fds = Vec::new();
             let mut drained_read = None;
             let buf = &mut self.read_buf[..limit];
-            let stream = &self.stream;
-            let mut read = || {
-                let received = sys::recv_with_fds(stream.as_fd(), buf, &mut fds)?;
+            let socket = &self.socket;
+            let mut read = |fd: std::os::fd::BorrowedFd<'_>| {
+                let received = sys::recv_with_fds(fd, buf, &mut fds)?;
                 // A short read that brought no descriptors found the socket's queue empty (the
                 // kernel ends a read early only at a segment that carried descriptors), so say
                 // WouldBlock here: tokio then clears the readiness it saw before this read
@@ -694,7 +710,7 @@ impl Driver {
                 }
                 Ok(received)
             };
-            let result = if self.lingering { read() } else { stream.try_io(Interest::READABLE, read) };
+            let result = if self.lingering { read(socket.fd()) } else { socket.try_read(read) };
             let (result, drained) = match (result, drained_read) {
                 (_, Some(received)) => (Ok(received), true),
                 (result, None) => (result, false),
@@ -955,7 +971,7 @@ impl Driver {
         for in_flight in self.in_flight.drain(..) {
             in_flight.handle.fail(SendError::Disconnected { written: true });
         }
-        drop(self.stream);
+        drop(self.socket);
         self.shared.replies.close();
         self.shared.observers.close();
         self.shared.closed.send_replace(true);

@@ -23,6 +23,7 @@ mod envelope;
 pub mod frame;
 pub mod json;
 mod observe;
+mod socket;
 
 use std::future::Future;
 use std::io;
@@ -546,9 +547,9 @@ impl Channel {
             io::Error::other("a handoff channel must be created inside a tokio runtime")
         })?;
         crate::sys::set_nonblocking(std::os::fd::AsFd::as_fd(&fd), true)?;
-        let stream = {
+        let socket = {
             let _guard = runtime.enter();
-            tokio::net::UnixStream::from_std(std::os::unix::net::UnixStream::from(fd))?
+            socket::ChannelSocket::new(fd)?
         };
         let (closed, _) = watch::channel(false);
         let shared = Arc::new(Shared {
@@ -567,7 +568,7 @@ impl Channel {
         });
         let (commands, command_rx) = mpsc::unbounded_channel();
         let (message_tx, messages) = mpsc::unbounded_channel();
-        let driver = driver::Driver::new(stream, config, shared.clone(), command_rx, message_tx);
+        let driver = driver::Driver::new(socket, config, shared.clone(), command_rx, message_tx);
         runtime.spawn(driver.run());
         Ok(Channel {
             sender: Sender { commands, shared: shared.clone(), counted: true },

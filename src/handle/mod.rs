@@ -215,11 +215,13 @@ impl WireHandle {
         handle_type: HandleType,
         kind: FdKind,
         held: T,
+        key: Option<String>,
     ) -> WireHandle {
         debug_assert!(handle_type.accepts(kind));
         let dgram_type =
             if handle_type == HandleType::DgramSocket { DgramType::of(kind) } else { None };
-        WireHandle { handle_type, held: Box::new(held), key: None, dgram_type, server: None }
+        let key = key.filter(|_| handle_type == HandleType::NetSocket);
+        WireHandle { handle_type, held: Box::new(held), key, dgram_type, server: None }
     }
 }
 }

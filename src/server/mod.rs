@@ -54,18 +54,19 @@ pub use accept::AcceptRetry;
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
+use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::watch;
 
-use crate::handle::{downcast_held, HandleError, HandleType, Held, IntoWire, KeepOpen, WireHandle};
+use crate::handle::{downcast_held, FdKind, HandleError, HandleType, Held, IntoWire, KeepOpen, WireHandle};
 use crate::Sender;
 use socket_list::ReplyKind;
 
@@ -151,10 +152,21 @@ impl Drop for CountGuard {
     }
 }
 
+/// The listening socket, watched for readability only: connections are accepted with one
+/// `accept4` each and registered with tokio only if this process reads or writes them (see
+/// [`Connection`]), so one handed straight to another process costs no registration.
 #[derive(Debug)]
-enum Listener {
-    Tcp(TcpListener),
-    Unix(UnixListener),
+struct Listener {
+    readiness: AsyncFd<Arc<OwnedFd>>,
+    /// What its connections are: `TcpStream` or `UnixStream`.
+    conn_kind: FdKind,
+}
+
+impl Listener {
+    fn new(fd: OwnedFd, conn_kind: FdKind) -> io::Result<Listener> {
+        crate::sys::set_nonblocking(fd.as_fd(), true)?;
+        Ok(Listener { readiness: crate::sys::watch_readable(Arc::new(fd))?, conn_kind })
+    }
 }
 
 /// A listening TCP or Unix socket whose connections are counted across processes. See the
@@ -178,25 +190,29 @@ impl Server {
     pub async fn bind(addr: impl tokio::net::ToSocketAddrs) -> io::Result<Server> {
         let listener = TcpListener::bind(addr).await?;
         let key = connection_key(&listener.local_addr()?);
-        Ok(Server::from_tcp(listener, key))
+        Server::from_tcp(listener, key)
     }
 
     /// Listens on the Unix socket `path`; the key is
     /// [`unix_connection_key(path)`](unix_connection_key). Needs a tokio runtime.
     pub fn bind_unix(path: impl AsRef<Path>) -> io::Result<Server> {
         let listener = UnixListener::bind(path.as_ref())?;
-        Ok(Server::from_unix(listener, unix_connection_key(path.as_ref())))
+        Server::from_unix(listener, unix_connection_key(path.as_ref()))
     }
 
-    /// Wraps a TCP listener, with the key a Node peer should file its connections under.
-    pub fn from_tcp(listener: TcpListener, key: impl Into<String>) -> Server {
+    /// Wraps a TCP listener, with the key a Node peer should file its connections under. Needs a
+    /// tokio runtime.
+    pub fn from_tcp(listener: TcpListener, key: impl Into<String>) -> io::Result<Server> {
         let local_addr = listener.local_addr().ok();
-        Server::new(Listener::Tcp(listener), local_addr, key.into())
+        let fd = OwnedFd::from(listener.into_std()?);
+        Ok(Server::new(Listener::new(fd, FdKind::TcpStream)?, local_addr, key.into()))
     }
 
-    /// Wraps a Unix listener, with the key a Node peer should file its connections under.
-    pub fn from_unix(listener: UnixListener, key: impl Into<String>) -> Server {
-        Server::new(Listener::Unix(listener), None, key.into())
+    /// Wraps a Unix listener, with the key a Node peer should file its connections under. Needs
+    /// a tokio runtime.
+    pub fn from_unix(listener: UnixListener, key: impl Into<String>) -> io::Result<Server> {
+        let fd = OwnedFd::from(listener.into_std()?);
+        Ok(Server::new(Listener::new(fd, FdKind::UnixStream)?, None, key.into()))
     }
 
     fn new(listener: Listener, local_addr: Option<SocketAddr>, key: String) -> Server {
@@ -242,11 +258,11 @@ impl Server {
             .clone()
             .ok_or_else(not_running)?;
         let mut stop = self.stop.subscribe();
-        let stream = tokio::select! {
+        let socket = tokio::select! {
             accepted = accept(&listener) => accepted?,
             _ = stop.wait_for(|stopped| *stopped) => return Err(not_running()),
         };
-        Ok(Connection { stream, guard: Some(self.state.count_one()) })
+        Ok(Connection { socket, guard: Some(self.state.count_one()) })
     }
 
     /// Counts this server's connections in this process and in every process it sent some to.
@@ -315,18 +331,25 @@ fn not_running() -> io::Error {
     io::Error::new(io::ErrorKind::NotConnected, "the server is closed")
 }
 
-/// Accepts one connection, waiting out descriptor exhaustion ([`AcceptRetry`]).
-async fn accept(listener: &Listener) -> io::Result<Stream> {
+/// Accepts one connection (non-blocking and close-on-exec from the start: no `FIONBIO` later),
+/// waiting out descriptor exhaustion ([`AcceptRetry`]).
+///
+/// # Cancel safety
+/// Cancel safe: a connection is either returned or still in the backlog.
+async fn accept(listener: &Listener) -> io::Result<Socket> {
+    use rustix::net::SocketFlags;
     let mut retry = AcceptRetry::new();
     loop {
-        let accepted = match listener {
-            Listener::Tcp(l) => l.accept().await.map(|(s, _)| Stream::Tcp(s)),
-            Listener::Unix(l) => l.accept().await.map(|(s, _)| Stream::Unix(s)),
-        };
+        let accepted = listener
+            .readiness
+            .async_io(tokio::io::Interest::READABLE, |fd| {
+                rustix::net::accept_with(fd, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC).map_err(io::Error::from)
+            })
+            .await;
         match accepted {
-            Ok(stream) => {
+            Ok(fd) => {
                 retry.accepted();
-                return Ok(stream);
+                return Ok(Socket::Accepted { fd, kind: listener.conn_kind });
             }
             Err(error) => retry.wait(error).await?,
         }
@@ -348,10 +371,59 @@ pub enum Stream {
 /// to another process with [`Sender::send_handle`](crate::Sender::send_handle): sent by value it
 /// leaves this process's count and joins the receiver's; sent with
 /// [`KeepOpen`], both processes count it.
+///
+/// A connection is registered with tokio's reactor only when it is first read, written or
+/// turned into a [`Stream`]: one sent straight to another process never is.
 #[derive(Debug)]
 pub struct Connection {
-    stream: Stream,
+    socket: Socket,
     guard: Option<CountGuard>,
+}
+
+/// A connection's socket: as accepted, or registered with tokio.
+#[derive(Debug)]
+enum Socket {
+    /// Accepted from our own listener (so its kind is known without asking the kernel), not
+    /// registered yet.
+    Accepted { fd: OwnedFd, kind: FdKind },
+    Stream(Stream),
+}
+
+impl Socket {
+    /// Registers the socket with tokio (once). Registers a duplicate and then closes the
+    /// original, so that a failure leaves the connection as it was.
+    fn stream(&mut self) -> io::Result<&mut Stream> {
+        if let Socket::Accepted { fd, kind } = self {
+            let fd = fd.try_clone()?;
+            let stream = if *kind == FdKind::UnixStream {
+                Stream::Unix(UnixStream::from_std(std::os::unix::net::UnixStream::from(fd))?)
+            } else {
+                Stream::Tcp(TcpStream::from_std(std::net::TcpStream::from(fd))?)
+            };
+            *self = Socket::Stream(stream);
+        }
+        match self {
+            Socket::Stream(stream) => Ok(stream),
+            Socket::Accepted { .. } => unreachable!("registered above"),
+        }
+    }
+
+    fn into_stream(mut self) -> io::Result<Stream> {
+        self.stream()?;
+        match self {
+            Socket::Stream(stream) => Ok(stream),
+            Socket::Accepted { .. } => unreachable!("registered above"),
+        }
+    }
+}
+
+impl AsFd for Socket {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Socket::Accepted { fd, .. } => fd.as_fd(),
+            Socket::Stream(stream) => stream.as_fd(),
+        }
+    }
 }
 
 impl Connection {
@@ -359,18 +431,17 @@ impl Connection {
     pub fn key(&self) -> &str {
         self.guard.as_ref().map_or("", |g| g.0.key.as_str())
     }
-    /// The socket.
-    pub fn stream(&self) -> &Stream {
-        &self.stream
+    /// The socket, registered with tokio on first use. Fails only if registering does (no
+    /// runtime, or the reactor is out of memory).
+    pub fn stream_mut(&mut self) -> io::Result<&mut Stream> {
+        self.socket.stream()
     }
-    /// The socket, mutably.
-    pub fn stream_mut(&mut self) -> &mut Stream {
-        &mut self.stream
-    }
-    /// The socket alone. It no longer counts as one of the server's connections.
-    pub fn into_stream(mut self) -> Stream {
-        self.guard.take();
-        self.stream
+    /// The socket alone, registered with tokio. It no longer counts as one of the server's
+    /// connections.
+    pub fn into_stream(self) -> io::Result<Stream> {
+        let Connection { socket, guard } = self;
+        drop(guard);
+        socket.into_stream()
     }
 
     fn server(&self) -> Option<Arc<ServerState>> {
@@ -380,7 +451,7 @@ impl Connection {
 
 impl AsFd for Connection {
     fn as_fd(&self) -> BorrowedFd<'_> {
-        self.stream.as_fd()
+        self.socket.as_fd()
     }
 }
 
@@ -393,8 +464,17 @@ impl IntoWire for Connection {
         let server = self.server();
         let key = self.key().to_owned();
         self.guard.take();
-        let sent = SentConnection { stream: self.stream, server: server.clone() };
-        match WireHandle::new(HandleType::NetSocket, sent, Some(key)) {
+        let known = match &self.socket {
+            Socket::Accepted { kind, .. } => Some(*kind),
+            Socket::Stream(_) => None,
+        };
+        let sent = SentConnection { socket: self.socket, server: server.clone() };
+        let wire = match known {
+            // Accepted from our own listener: its kind is known, the kernel need not be asked.
+            Some(kind) => Ok(WireHandle::trusted(HandleType::NetSocket, kind, sent, Some(key))),
+            None => WireHandle::new(HandleType::NetSocket, sent, Some(key)),
+        };
+        match wire {
             Ok(mut wire) => {
                 wire.server = server;
                 Ok(wire)
@@ -427,19 +507,19 @@ impl IntoWire for KeepOpen<'_, Connection> {
 /// A connection on its way to another process: the socket, and the server to count it under
 /// again if it comes back.
 struct SentConnection {
-    stream: Stream,
+    socket: Socket,
     server: Option<Arc<ServerState>>,
 }
 
 impl SentConnection {
     fn restore(self) -> Connection {
-        Connection { stream: self.stream, guard: self.server.map(|server| server.count_one()) }
+        Connection { socket: self.socket, guard: self.server.map(|server| server.count_one()) }
     }
 }
 
 impl AsFd for SentConnection {
     fn as_fd(&self) -> BorrowedFd<'_> {
-        self.stream.as_fd()
+        self.socket.as_fd()
     }
 }
 
@@ -453,8 +533,12 @@ impl AsFd for Stream {
 }
 
 macro_rules! delegate_io {
-    ($self:ident, $s:ident => $call:expr) => {
-        match &mut $self.get_mut().stream {
+    ($self:ident, $s:ident => $call:expr) => {{
+        let stream = match $self.get_mut().socket.stream() {
+            Ok(stream) => stream,
+            Err(e) => return Poll::Ready(Err(e)),
+        };
+        match stream {
             Stream::Tcp($s) => {
                 let $s = Pin::new($s);
                 $call
@@ -464,7 +548,7 @@ macro_rules! delegate_io {
                 $call
             }
         }
-    };
+    }};
 }
 
 impl AsyncRead for Connection {

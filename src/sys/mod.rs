@@ -145,10 +145,29 @@ impl FdKind {
     }
 }
 
-/// Asks the kernel what `fd` is: `SO_DOMAIN`, `SO_TYPE` and `SO_ACCEPTCONN` for a socket, `fstat`
-/// for anything else (`ENOTSOCK`). Two or three system calls for the sockets on the hot path.
+/// Asks the kernel what `fd` is. A TCP socket, the one on the hot path, takes two system calls:
+/// `SO_PROTOCOL` (TCP implies an `AF_INET`/`AF_INET6` stream socket) and `SO_ACCEPTCONN`. Other
+/// sockets add `SO_DOMAIN` and `SO_TYPE`; anything else (`ENOTSOCK`) is `fstat`ed.
 pub(crate) fn classify(fd: BorrowedFd<'_>) -> io::Result<FdKind> {
     use rustix::fs::FileType;
+    let protocol = match rustix::net::sockopt::socket_protocol(fd) {
+        Ok(protocol) => protocol,
+        Err(rustix::io::Errno::NOTSOCK) => {
+            let stat = rustix::fs::fstat(fd)?;
+            return Ok(match FileType::from_raw_mode(stat.st_mode) {
+                FileType::Fifo => FdKind::Fifo,
+                _ => FdKind::Other,
+            });
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if protocol == Some(rustix::net::ipproto::TCP) {
+        return Ok(if rustix::net::sockopt::socket_acceptconn(fd)? {
+            FdKind::TcpListener
+        } else {
+            FdKind::TcpStream
+        });
+    }
     let domain = match rustix::net::sockopt::socket_domain(fd) {
         Ok(domain) => domain,
         Err(rustix::io::Errno::NOTSOCK) => {
@@ -296,6 +315,19 @@ pub(crate) fn watch_readable(
         tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
     }
     .map_err(|e| e.into_parts().1)
+}
+
+/// Registers `fd` with tokio's reactor for `interest` only (a channel socket registered for
+/// reading is not woken each time the peer reads what it wrote).
+pub(crate) fn register(
+    fd: OwnedFd,
+    interest: tokio::io::Interest,
+) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: the AsyncFd owns the OwnedFd, which stays open and refers to the same file
+    // description until the AsyncFd drops it, and `OwnedFd::as_raw_fd` always returns that same
+    // number. Callers never replace the inner value (`get_mut`).
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, interest) }
+        .map_err(|e| e.into_parts().1)
 }
 
 /// Moves `fd` above the standard I/O numbers if it sits on one (a parent started with 0–2

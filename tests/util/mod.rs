@@ -56,6 +56,42 @@ pub fn fd_target(fd: i32) -> String {
         .unwrap_or_else(|_| "closed".into())
 }
 
+/// The event masks under which the socket (or file) behind `fd` is registered in this process's
+/// epoll instances (tokio's reactors), through `fd` or any duplicate of it, from
+/// `/proc/self/fdinfo`: empty when no reactor watches it.
+pub fn epoll_registrations(fd: i32) -> Vec<u32> {
+    use std::os::unix::fs::MetadataExt;
+    // Matched by inode: a duplicate has another number, and a number may have been registered
+    // before for another file.
+    let Ok(ino) = std::fs::metadata(format!("/proc/self/fd/{fd}")).map(|m| m.ino()) else { return Vec::new() };
+    let ino = format!("ino:{ino:x}");
+    // A reactor's epoll descriptor may be duplicated (tokio clones mio's registry): the same
+    // instance then shows up twice, with identical lines.
+    let mut seen = BTreeSet::new();
+    let mut masks = Vec::new();
+    for epoll in open_fds() {
+        if fd_target(epoll) != "anon_inode:[eventpoll]" {
+            continue;
+        }
+        let Ok(info) = std::fs::read_to_string(format!("/proc/self/fdinfo/{epoll}")) else { continue };
+        for line in info.lines() {
+            // "tfd:       12 events:       19 data: ..."
+            let mut words = line.split_whitespace();
+            if words.next() != Some("tfd:")
+                || words.next().is_none()
+                || !line.split_whitespace().any(|w| w == ino)
+                || !seen.insert(line.to_owned())
+            {
+                continue;
+            }
+            if let (Some("events:"), Some(mask)) = (words.next(), words.next()) {
+                masks.push(u32::from_str_radix(mask, 16).expect("a hex event mask"));
+            }
+        }
+    }
+    masks
+}
+
 /// Waits (up to 5 s) until exactly the descriptors in `baseline` are open again, and fails with a
 /// list of the extra ones otherwise. Channel drivers close their sockets asynchronously, so a
 /// test gives them a moment.

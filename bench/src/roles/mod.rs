@@ -89,6 +89,17 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(builder.enable_all().build()?)
 }
 
+/// Runs `main` on [`runtime`] as a spawned task rather than as the `block_on` future itself: a
+/// `block_on` future woken by another task (a channel's driver delivering a message) makes the
+/// current-thread scheduler poll the reactor once more (`epoll_wait` with timeout 0) before it
+/// runs again; a task is simply queued.
+pub fn run_spawned<F>(main: F) -> Result<()>
+where
+    F: std::future::Future<Output = Result<()>> + Send + 'static,
+{
+    runtime()?.block_on(async { tokio::spawn(main).await? })
+}
+
 /// Prints a role's result line.
 pub fn emit(role: &str, mut value: serde_json::Value) {
     use std::io::Write;

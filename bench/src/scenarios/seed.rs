@@ -35,6 +35,10 @@ impl Seed {
                 ctx.role(&["seed-parent", "--impl", "bare"]),
                 ctx.role(&["seed-child", "--impl", "bare"]),
             ),
+            "bare-ack" => with_child(
+                ctx.role(&["seed-parent", "--impl", "bare", "--ack"]),
+                ctx.role(&["seed-child", "--impl", "bare", "--ack"]),
+            ),
             other => bail!("unknown variant {other}"),
         })
     }
@@ -72,6 +76,7 @@ impl Scenario for Seed {
             node("node"),
             node("node-single"),
             rust("bare"),
+            rust("bare-ack"),
         ]
     }
     fn metrics(&self) -> Vec<MetricSpec> {
@@ -81,12 +86,15 @@ impl Scenario for Seed {
                 .ratio("handoff-direct/node", "handoff-direct", "node")
                 .ratio("handoff/node-single", "handoff", "node-single")
                 .ratio("handoff/bare", "handoff", "bare")
+                .ratio("handoff/bare-ack", "handoff", "bare-ack")
+                .ratio("handoff-direct/bare-ack", "handoff-direct", "bare-ack")
                 .ratio("handoff-mt/node", "handoff-mt", "node"),
             MetricSpec::new("cpu_us_per_conn", "seed server CPU (µs/conn)")
                 .lower_is_better()
                 .ratio("handoff/node", "handoff", "node")
                 .ratio("handoff/bare", "handoff", "bare")
-                .ratio("handoff-direct/bare", "handoff-direct", "bare")
+                .ratio("handoff/bare-ack", "handoff", "bare-ack")
+                .ratio("handoff-direct/bare-ack", "handoff-direct", "bare-ack")
                 .ratio("handoff-mt/bare", "handoff-mt", "bare"),
             MetricSpec::new("p50_us", "seed latency p50 (µs)").lower_is_better(),
             MetricSpec::new("p99_us", "seed latency p99 (µs)").lower_is_better(),

@@ -128,7 +128,7 @@ pub(crate) struct Accepted {
 impl IntoWire for Accepted {
     type Back = ();
     fn into_wire(self) -> Result<WireHandle, (HandleError, ())> {
-        Ok(WireHandle::trusted(HandleType::NetNative, self.kind, self.fd))
+        Ok(WireHandle::trusted(HandleType::NetNative, self.kind, self.fd, None))
     }
     fn give_back(_held: Box<dyn Held>) {}
     fn unsent(self) {}
@@ -141,7 +141,7 @@ pub(crate) struct SharedListener(pub(crate) Arc<OwnedFd>);
 impl IntoWire for SharedListener {
     type Back = ();
     fn into_wire(self) -> Result<WireHandle, (HandleError, ())> {
-        Ok(WireHandle::trusted(HandleType::NetNative, FdKind::TcpListener, self.0))
+        Ok(WireHandle::trusted(HandleType::NetNative, FdKind::TcpListener, self.0, None))
     }
     fn give_back(_held: Box<dyn Held>) {}
     fn unsent(self) {}
