@@ -345,3 +345,37 @@ fn a_channel_is_polled_for_writing_only_while_a_write_waits() {
         }
     })
 }
+
+/// Minor page faults of this process so far (`/proc/self/stat`, field 10).
+fn minor_faults() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    // The command name (field 2) may hold spaces: count from the closing parenthesis.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    rest.split_whitespace().nth(7).unwrap().parse().unwrap()
+}
+
+/// Messages above glibc's largest mmap threshold (32 MiB) reuse the buffers of the previous ones
+/// on both sides, instead of faulting fresh pages in for every one (three times per message:
+/// encoding, receiving, and again after each free).
+#[test]
+fn large_messages_reuse_their_buffers() {
+    const SIZE: usize = 40 << 20;
+    const PAGES: u64 = (SIZE / 4096) as u64;
+    util::serial_test(async {
+        let (a, mut b) = Channel::pair().unwrap();
+        let body = "x".repeat(SIZE - 2); // a JSON string of SIZE bytes
+        let mut faults = Vec::new();
+        for _ in 0..6 {
+            let before = minor_faults();
+            let (sent, received) = tokio::join!(a.send(body.as_str()), b.recv());
+            sent.unwrap();
+            let message = received.unwrap().unwrap();
+            assert_eq!(message.json().len(), SIZE);
+            drop(message);
+            faults.push(minor_faults() - before);
+        }
+        // The first messages fault their buffers in; later ones find them kept.
+        let steady = faults[3..].iter().max().unwrap();
+        assert!(*steady < PAGES / 4, "page faults per {SIZE}-byte message: {faults:?} ({PAGES} pages)");
+    })
+}

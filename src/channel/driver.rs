@@ -255,7 +255,9 @@ impl Driver {
     ) -> Driver {
         Driver {
             socket,
-            decoder: Decoder::new(config.max_frame_len).with_max_depth(config.max_depth),
+            decoder: Decoder::new(config.max_frame_len)
+                .with_max_depth(config.max_depth)
+                .with_recycler(shared.recv_spares.clone()),
             config,
             shared,
             commands,
@@ -682,8 +684,10 @@ impl Driver {
         if let Some(written) = written {
             let _ = written.send(Ok(()));
         }
-        if let Some(handle) = handle {
-            self.in_flight.push_back(InFlight { bytes, handle });
+        match handle {
+            Some(handle) => self.in_flight.push_back(InFlight { bytes, handle }),
+            // Its buffer serves the next large message (see `recycle`).
+            None => self.shared.send_spares.give(bytes),
         }
     }
 
@@ -772,7 +776,7 @@ impl Driver {
 
     fn on_frame(&mut self, frame: Frame) {
         let Some(cmd) = frame.internal_cmd.as_deref() else {
-            self.deliver(Message { json: frame.text, handle: None, internal: None });
+            self.deliver(Message { json: frame.text, handle: None, internal: None, recycle: None });
             return;
         };
         if self.shared.observers.any() {
@@ -790,7 +794,7 @@ impl Driver {
             // receiver drops internal messages it has no listener for.
             _ if self.config.receive_internal => {
                 let internal = Some(cmd.into());
-                self.deliver(Message { json: frame.text, handle: None, internal });
+                self.deliver(Message { json: frame.text, handle: None, internal, recycle: None });
             }
             _ => {}
         }
@@ -831,6 +835,7 @@ impl Driver {
                 json: envelope.msg,
                 handle: Some(handle),
                 internal: internal.map(Into::into),
+                recycle: None,
             }),
             Err(reason) => self.report(RecvError::HandleRejected {
                 message: envelope.msg,
@@ -914,7 +919,10 @@ impl Driver {
         }
     }
 
-    fn deliver(&mut self, message: Message) {
+    fn deliver(&mut self, mut message: Message) {
+        if message.json.capacity() >= super::recycle::RECYCLE_MIN {
+            message.recycle = Some(self.shared.recv_spares.clone());
+        }
         if let Some(handle) = &message.handle {
             if let (HandleType::NetSocket, Some(key)) = (handle.handle_type, &handle.key) {
                 if let Ok(socket) = sys::FdIdentity::of(handle.fd.as_fd()) {

@@ -183,6 +183,9 @@ pub struct Decoder {
     skipping: bool,
     /// Descriptors whose frame is not decided yet, and the frames held back meanwhile.
     pending: Option<Pending>,
+    /// Where a frame growing past [`RECYCLE_MIN`](super::recycle::RECYCLE_MIN) finds the buffer
+    /// of an earlier large message (the channel's; none for a standalone decoder).
+    recycler: Option<std::sync::Arc<super::recycle::Recycler>>,
 }
 
 /// The descriptors of one read, until the last frame that started in that read is complete (see
@@ -222,6 +225,7 @@ impl Decoder {
             partial: Vec::new(),
             skipping: false,
             pending: None,
+            recycler: None,
         }
     }
 
@@ -408,7 +412,32 @@ impl Decoder {
             self.emit(Decoded::Error(FrameError::TooLarge { limit: self.max_frame_len }), out);
             return;
         }
+        self.grow_partial(bytes.len());
         self.partial.extend_from_slice(bytes);
+    }
+
+    /// Before `partial` grows by `more` bytes past its capacity into a large buffer: move it into
+    /// a kept buffer of an earlier large message instead, whose pages are already in memory.
+    fn grow_partial(&mut self, more: usize) {
+        let needed = self.partial.len() + more;
+        if needed <= self.partial.capacity() || needed < super::recycle::RECYCLE_MIN {
+            return;
+        }
+        let Some(mut spare) = self.recycler.as_ref().and_then(|r| r.take()) else { return };
+        if spare.capacity() <= self.partial.capacity() {
+            return; // dropped: no better than what we have
+        }
+        spare.extend_from_slice(&self.partial);
+        self.partial = spare;
+        if let Some(recycler) = &self.recycler {
+            recycler.large_frame();
+        }
+    }
+
+    /// Large frames of this decoder reuse the buffers `recycler` keeps.
+    pub(crate) fn with_recycler(mut self, recycler: std::sync::Arc<super::recycle::Recycler>) -> Self {
+        self.recycler = Some(recycler);
+        self
     }
 
     /// `tail` is the end of a line (its `\n` excluded); completes the frame.
@@ -422,8 +451,12 @@ impl Decoder {
             self.partial = Vec::new();
             Decoded::Error(FrameError::TooLarge { limit: self.max_frame_len })
         } else if self.partial.is_empty() {
+            if let Some(recycler) = &self.recycler {
+                recycler.small_frame();
+            }
             parse_frame(tail, self.max_depth)
         } else {
+            self.grow_partial(tail.len());
             let mut line = std::mem::take(&mut self.partial);
             line.extend_from_slice(tail);
             parse_owned_frame(line, self.max_depth)
@@ -684,7 +717,16 @@ pub(crate) fn replace_lone_surrogates(text: &str) -> Option<String> {
 /// empty document, so the result is always one non-blank line, which is what keeps a Node peer
 /// alive. See [`encode_json`] for how it is produced.
 pub fn encode<T: serde::Serialize + ?Sized>(message: &T) -> Result<Vec<u8>, serde_json::Error> {
-    let mut buf = encode_json(message)?;
+    encode_into(message, Vec::new())
+}
+
+/// [`encode`] into `buffer` (emptied first), so that a buffer kept from an earlier large
+/// message is reused.
+pub(crate) fn encode_into<T: serde::Serialize + ?Sized>(
+    message: &T,
+    buffer: Vec<u8>,
+) -> Result<Vec<u8>, serde_json::Error> {
+    let mut buf = encode_json_into(message, buffer)?;
     buf.push(b'\n');
     Ok(buf)
 }
@@ -698,9 +740,17 @@ pub fn encode<T: serde::Serialize + ?Sized>(message: &T) -> Result<Vec<u8>, serd
 /// output always means what `serde_json` would write for the same value (`tests/frame.rs` checks
 /// this on arbitrary values).
 pub fn encode_json<T: serde::Serialize + ?Sized>(message: &T) -> Result<Vec<u8>, serde_json::Error> {
+    encode_json_into(message, Vec::new())
+}
+
+fn encode_json_into<T: serde::Serialize + ?Sized>(
+    message: &T,
+    mut buf: Vec<u8>,
+) -> Result<Vec<u8>, serde_json::Error> {
     static RAW_VALUE: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
         std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"$serde_json::private::RawValue"));
-    if let Ok(buf) = sonic_rs::to_vec(message) {
+    buf.clear();
+    if sonic_rs::to_writer(&mut buf, message).is_ok() {
         // A raw value (sonic-rs's own) is written verbatim and may hold a newline, which would
         // end the line early and kill a Node peer; JSON strings never hold a raw one.
         if RAW_VALUE.find(&buf).is_none() && memchr::memchr(b'\n', &buf).is_none() {
@@ -710,7 +760,9 @@ pub fn encode_json<T: serde::Serialize + ?Sized>(message: &T) -> Result<Vec<u8>,
     // Raw values (serde_json's `RawValue`, sonic-rs's lazy values) are written as their text
     // is, whitespace, escapes and all: go through a `Value` so the line is canonical compact
     // JSON — one line, and a `cmd` the reserved-command check can see.
-    serde_json::to_vec(&serde_json::to_value(message)?)
+    buf.clear();
+    serde_json::to_writer(&mut buf, &serde_json::to_value(message)?)?;
+    Ok(buf)
 }
 
 #[cfg(test)]

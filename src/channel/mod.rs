@@ -23,6 +23,7 @@ mod envelope;
 pub mod frame;
 pub mod json;
 mod observe;
+mod recycle;
 mod socket;
 
 use std::future::Future;
@@ -200,6 +201,16 @@ pub struct Message {
     /// The `cmd` of an internal message delivered because of
     /// [`ChannelConfig::receive_internal`].
     internal: Option<Box<str>>,
+    /// For a large message: where its buffer goes when it is dropped (see [`recycle`]).
+    recycle: Option<Arc<recycle::Recycler>>,
+}
+
+impl Drop for Message {
+    fn drop(&mut self) {
+        if let Some(recycler) = self.recycle.take() {
+            recycler.give(std::mem::take(&mut self.json).into_bytes());
+        }
+    }
 }
 
 impl Message {
@@ -234,8 +245,9 @@ impl Message {
         self.handle.take()
     }
     /// The JSON text and the handle.
-    pub fn into_parts(self) -> (String, Option<ReceivedHandle>) {
-        (self.json, self.handle)
+    pub fn into_parts(mut self) -> (String, Option<ReceivedHandle>) {
+        self.recycle = None; // the text is the caller's now
+        (std::mem::take(&mut self.json), self.handle.take())
     }
 }
 
@@ -456,6 +468,9 @@ struct Shared {
     user_senders: AtomicUsize,
     /// Who is at the other end, for error messages ("child process 1234").
     peer: std::sync::OnceLock<String>,
+    /// Buffers of large frames kept for the next ones, per direction (see [`recycle`]).
+    send_spares: recycle::Recycler,
+    recv_spares: Arc<recycle::Recycler>,
 }
 
 /// A queued frame and what to do once it is written.
@@ -565,6 +580,8 @@ impl Channel {
             replies: Default::default(),
             user_senders: AtomicUsize::new(1),
             peer: std::sync::OnceLock::new(),
+            send_spares: Default::default(),
+            recv_spares: Default::default(),
         });
         let (commands, command_rx) = mpsc::unbounded_channel();
         let (message_tx, messages) = mpsc::unbounded_channel();
@@ -634,7 +651,7 @@ impl Sender {
     /// # Cancel safety
     /// Cancel safe: if the future is dropped before it completes, the message was not queued.
     pub async fn send<T: Serialize + ?Sized>(&self, message: &T) -> Result<(), SendError> {
-        let bytes = frame::encode(message).map_err(SendError::Serialize)?;
+        let bytes = self.encode_reusing(message)?;
         if let Some(cmd) = envelope::reserved_cmd(&bytes) {
             return Err(SendError::Reserved { cmd });
         }
@@ -860,6 +877,24 @@ impl Sender {
         let bytes = frame::encode(&serde_json::json!({ "cmd": cmd, "key": key })).ok()?;
         self.enqueue(bytes, None, None).await.ok()?;
         reply.await.ok()
+    }
+
+    /// Encodes `message` into the buffer of an earlier large message if one is kept (see
+    /// [`recycle`]); a small message found one is copied out of it, and the buffer kept.
+    fn encode_reusing<T: Serialize + ?Sized>(&self, message: &T) -> Result<Vec<u8>, SendError> {
+        let spares = &self.shared.send_spares;
+        let bytes = frame::encode_into(message, spares.take().unwrap_or_default()).map_err(SendError::Serialize)?;
+        if bytes.len() >= recycle::RECYCLE_MIN {
+            spares.large_frame();
+            Ok(bytes)
+        } else if bytes.capacity() >= recycle::RECYCLE_MIN {
+            let small = bytes.as_slice().to_vec();
+            spares.give(bytes);
+            spares.small_frame();
+            Ok(small)
+        } else {
+            Ok(bytes)
+        }
     }
 
     /// Queues a frame in order, waiting for `send_buffer` room. On failure the pending handle,

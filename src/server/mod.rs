@@ -57,7 +57,7 @@ use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -113,7 +113,10 @@ pub enum ServerError {
 pub(crate) struct ServerState {
     key: String,
     /// Connections alive in this process.
-    own: watch::Sender<usize>,
+    own: AtomicUsize,
+    /// Notified when `own` drops to zero (what `close()` waits for). A plain counter: a watch
+    /// channel would take eight locks per connection, accepted and sent alike.
+    no_own: tokio::sync::Notify,
     /// Channels that were sent at least one of this server's connections.
     channels: Mutex<Vec<Sender>>,
 }
@@ -137,7 +140,7 @@ impl ServerState {
     }
 
     fn count_one(self: &Arc<Self>) -> CountGuard {
-        self.own.send_modify(|n| *n += 1);
+        self.own.fetch_add(1, Ordering::SeqCst);
         CountGuard(self.clone())
     }
 }
@@ -148,7 +151,9 @@ struct CountGuard(Arc<ServerState>);
 
 impl Drop for CountGuard {
     fn drop(&mut self) {
-        self.0.own.send_modify(|n| *n -= 1);
+        if self.0.own.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.no_own.notify_waiters();
+        }
     }
 }
 
@@ -223,7 +228,8 @@ impl Server {
             local_addr,
             state: Arc::new(ServerState {
                 key,
-                own: watch::channel(0).0,
+                own: AtomicUsize::new(0),
+                no_own: tokio::sync::Notify::new(),
                 channels: Mutex::new(Vec::new()),
             }),
         }
@@ -241,7 +247,7 @@ impl Server {
 
     /// Connections of this server alive in this process (not counting other processes).
     pub fn local_connections(&self) -> usize {
-        *self.state.own.borrow()
+        self.state.own.load(Ordering::SeqCst)
     }
 
     /// Accepts the next connection. After [`close`](Server::close) it fails with
@@ -321,8 +327,16 @@ impl Server {
             while requests.join_next().await.is_some() {}
             asked.extend(fresh);
         }
-        let mut own = self.state.own.subscribe();
-        let _ = own.wait_for(|n| *n == 0).await;
+        loop {
+            let zero = self.state.no_own.notified();
+            tokio::pin!(zero);
+            // Registered before the check: a drop to zero in between still wakes us.
+            zero.as_mut().enable();
+            if self.state.own.load(Ordering::SeqCst) == 0 {
+                break;
+            }
+            zero.await;
+        }
         Ok(())
     }
 }

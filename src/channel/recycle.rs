@@ -1,0 +1,127 @@
+//! The buffers of large frames, kept for the next large frames.
+//!
+//! # Why
+//! A buffer of 32 MiB or more is, with glibc's allocator, a fresh `mmap` every time (its dynamic
+//! mmap threshold stops growing at 32 MiB) and is returned to the system when freed, so every such
+//! message had its pages faulted in (and zeroed) again, on both sides: about three times the cost
+//! of copying it. A channel that sends or receives large messages back to back now reuses the
+//! buffers of the last ones, whatever the allocator.
+//!
+//! # Bounds
+//! Each direction of a channel keeps at most [`KEEP`] buffers, each of at least
+//! [`RECYCLE_MIN`] bytes and at most the largest frame of that direction (on the receive side, at
+//! most [`ChannelConfig::max_frame_len`](super::ChannelConfig::max_frame_len)). They are dropped
+//! after [`IDLE_DROP`] smaller frames in a row, and with the channel.
+//!
+//! Nothing here costs a small message more than one atomic load while no buffer is kept.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+/// Smallest buffer worth keeping.
+pub(crate) const RECYCLE_MIN: usize = 1024 * 1024;
+/// Most buffers kept per direction: one being written or filled, one ready.
+const KEEP: usize = 2;
+/// Small frames in a row after which the kept buffers are dropped.
+const IDLE_DROP: usize = 64;
+
+#[derive(Debug, Default)]
+pub(crate) struct Recycler {
+    /// How many buffers `spares` holds: read without the lock on every frame.
+    kept: AtomicUsize,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    spares: Vec<Vec<u8>>,
+    /// Small frames since a spare was last used.
+    idle: usize,
+}
+
+impl Recycler {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keeps `buffer` (emptied) for a later large frame, if it is large.
+    pub(crate) fn give(&self, mut buffer: Vec<u8>) {
+        if buffer.capacity() < RECYCLE_MIN {
+            return;
+        }
+        buffer.clear();
+        let mut inner = self.lock();
+        if inner.spares.len() < KEEP {
+            inner.spares.push(buffer);
+        } else if let Some(smallest) = inner.spares.iter_mut().min_by_key(|b| b.capacity()) {
+            if smallest.capacity() < buffer.capacity() {
+                *smallest = buffer;
+            }
+        }
+        self.kept.store(inner.spares.len(), Ordering::Relaxed);
+    }
+
+    /// A kept buffer (empty), the largest, if any.
+    pub(crate) fn take(&self) -> Option<Vec<u8>> {
+        if self.kept.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        let mut inner = self.lock();
+        let largest = (0..inner.spares.len()).max_by_key(|&i| inner.spares[i].capacity())?;
+        let buffer = inner.spares.swap_remove(largest);
+        self.kept.store(inner.spares.len(), Ordering::Relaxed);
+        Some(buffer)
+    }
+
+    /// A large frame went by: the kept buffers are worth keeping.
+    pub(crate) fn large_frame(&self) {
+        if self.kept.load(Ordering::Relaxed) != 0 {
+            self.lock().idle = 0;
+        }
+    }
+
+    /// A frame too small to need a kept buffer went by: after [`IDLE_DROP`] in a row, the large
+    /// messages are over and the buffers go.
+    pub(crate) fn small_frame(&self) {
+        if self.kept.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let mut inner = self.lock();
+        inner.idle += 1;
+        if inner.idle >= IDLE_DROP {
+            inner.spares = Vec::new();
+            inner.idle = 0;
+            self.kept.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Bytes held (for tests and accounting).
+    #[cfg(test)]
+    pub(crate) fn held(&self) -> usize {
+        self.lock().spares.iter().map(Vec::capacity).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_at_most_two_large_buffers_and_drops_them_when_large_frames_stop() {
+        let r = Recycler::default();
+        r.give(Vec::with_capacity(1000)); // small: not kept
+        assert_eq!(r.held(), 0);
+        for mib in [1, 2, 3] {
+            r.give(Vec::with_capacity(mib << 20));
+        }
+        assert_eq!(r.held(), (2 << 20) + (3 << 20), "the two largest");
+        assert_eq!(r.take().map(|b| b.capacity()), Some(3 << 20));
+        for _ in 0..IDLE_DROP - 1 {
+            r.small_frame();
+        }
+        assert_eq!(r.held(), 2 << 20);
+        r.small_frame();
+        assert_eq!(r.held(), 0);
+        assert!(r.take().is_none());
+    }
+}
