@@ -65,6 +65,8 @@ pub fn workers(path: &Path, rows: &[SweepRow], handoff_median: Option<f64>, band
             .x_label_formatter(&x_label)
             .x_desc("workers")
             .y_desc(unit)
+            .y_label_formatter(&|v| format!("{v:.0}"))
+            .light_line_style(WHITE)
             .draw()?;
         for (name, color, handoff) in [("handoff", HANDOFF, true), ("bare", BARE, false)] {
             let points: Vec<(f64, f64)> = rows
@@ -131,7 +133,7 @@ pub fn soak(path: &Path, series: &[Value], events: &[Value]) -> Result<()> {
     let (upper, lower) = root.split_vertically(300);
     type Pick = fn(&(f64, f64, f64)) -> f64;
     let panels: [(&DrawingArea<SVGBackend, plotters::coord::Shift>, &str, &str, Pick); 2] = [
-        (&upper, "open descriptors (/proc/PID/fd)", "fds", |p| p.1),
+        (&upper, "open descriptors (/proc/PID/fd; under load, connections in flight too)", "fds", |p| p.1),
         (&lower, "resident memory", "RSS (MiB)", |p| p.2),
     ];
     for (area, caption, unit, pick) in panels {
@@ -147,6 +149,8 @@ pub fn soak(path: &Path, series: &[Value], events: &[Value]) -> Result<()> {
             .x_desc("connections served")
             .y_desc(unit)
             .x_label_formatter(&|v| format!("{}k", v / 1000.0))
+            .y_label_formatter(&|v| format!("{v:.0}"))
+            .light_line_style(WHITE)
             .draw()?;
         for &(at, color) in &marks {
             chart.draw_series(LineSeries::new([(at, 0.0), (at, y_max)], color.mix(0.5)))?;

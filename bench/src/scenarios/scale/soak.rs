@@ -77,6 +77,29 @@ impl Control<'_> {
         events
     }
 
+    /// SIGKILLs one of the ready workers (the `turn`th, cyclically: each slot in turn) and
+    /// returns its pid. A worker of a finished reload's old generation may still be listed,
+    /// draining; it is not a candidate, and one that exits just before its signal is retried.
+    fn kill_a_worker(&mut self, turn: usize) -> Result<u32> {
+        for _ in 0..50 {
+            let status = self.status()?;
+            let workers = pids(&status)?;
+            let empty = Vec::new();
+            let states = status["states"].as_array().unwrap_or(&empty);
+            let ready: Vec<u32> =
+                workers.iter().skip(1).zip(states).filter(|(_, state)| *state == "ready").map(|(&pid, _)| pid).collect();
+            if let Some(&victim) = ready.get(turn % ready.len().max(1)) {
+                match signal_pid(victim, libc::SIGKILL) {
+                    Ok(()) => return Ok(victim),
+                    Err(e) if e.downcast_ref::<std::io::Error>().and_then(|e| e.raw_os_error()) == Some(libc::ESRCH) => {}
+                    Err(e) => return Err(e.context(format!("killing worker {victim}"))),
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!("found no ready worker to kill in 1 s")
+    }
+
     fn status(&mut self) -> Result<Value> {
         self.signal(libc::SIGUSR1)?;
         let status = self.next("cluster-status", Duration::from_secs(10))?;
@@ -167,6 +190,7 @@ impl Scenario for Soak {
         vec![
             MetricSpec::new("ok", "soak answered (connections)"),
             MetricSpec::new("errors", "soak errors (count)").lower_is_better(),
+            MetricSpec::new("closed", "soak of which closed unanswered (count)").lower_is_better(),
             MetricSpec::new("conn_per_s", "soak (conn/s)"),
             MetricSpec::new("kills", "soak workers killed (count)"),
             MetricSpec::new("reloads", "soak reloads done (count)"),
@@ -177,6 +201,7 @@ impl Scenario for Soak {
             MetricSpec::new("rss_start_kib", "soak primary RSS before (KiB)"),
             MetricSpec::new("rss_max_kib", "soak primary RSS max (KiB)"),
             MetricSpec::new("rss_end_kib", "soak primary RSS after (KiB)"),
+            MetricSpec::new("rss_second_half_kib", "soak primary RSS 2nd half (+KiB)").lower_is_better(),
             MetricSpec::new("flat", "soak fds and RSS flat (1=yes)"),
         ]
     }
@@ -251,10 +276,7 @@ impl Scenario for Soak {
                 if let Some(started) = reload_pending.take() {
                     finish_reload(&mut control, &mut events, started)?;
                 }
-                let status = control.status()?;
-                let workers = pids(&status)?;
-                let victim = workers[1 + (kills as usize) % (workers.len() - 1).max(1)];
-                signal_pid(victim, libc::SIGKILL).with_context(|| format!("killing worker {victim}"))?;
+                let victim = control.kill_a_worker(kills as usize)?;
                 kills += 1;
                 killed = Some(victim);
                 events.push(json!({ "kind": "kill", "connections": done, "secs": secs, "pid": victim }));
@@ -292,11 +314,22 @@ impl Scenario for Soak {
         let (rss_start, rss_end) = (num(start, "rss_kib")?, num(&end, "rss_kib")?);
         let max = |key: &str| series.iter().filter_map(|p| p[key].as_f64()).fold(f64::NAN, f64::max);
         let flat = (fds_end - fds_start).abs() <= FLAT_FDS && rss_end <= rss_start + FLAT_RSS_KIB;
+        // The reading half-way: what the second half added, once the allocator's high-water
+        // marks are reached.
+        let rss_mid = series
+            .iter()
+            .find(|p| p["connections"].as_u64().is_some_and(|c| c >= n / 2))
+            .and_then(|p| p["rss_kib"].as_f64())
+            .unwrap_or(f64::NAN);
+        // A connection the killed worker had taken and not yet answered dies with it (no process
+        // is left that could answer it); the loadgen counts it as `closed`.
+        let closed = result["error_kinds"]["closed"].as_f64().unwrap_or(0.0);
         let mut sample = Sample::default();
         sample
             .set("connections", n as f64)
             .set("ok", num(&result, "ok")?)
             .set("errors", num(&result, "errors")?)
+            .set("closed", closed)
             .set("conn_per_s", num(&result, "conn_per_s")?)
             .set("p99_us", num(&result, "p99_us")?)
             .set("max_us", num(&result, "max_us")?)
@@ -311,6 +344,7 @@ impl Scenario for Soak {
             .set("rss_start_kib", rss_start)
             .set("rss_max_kib", max("rss_kib"))
             .set("rss_end_kib", rss_end)
+            .set("rss_second_half_kib", rss_end - rss_mid)
             .set("flat", if flat { 1.0 } else { 0.0 });
         sample.raw = json!({
             "loadgen": result,
