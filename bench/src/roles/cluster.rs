@@ -42,6 +42,10 @@ pub struct PrimaryArgs {
     /// Worker processes.
     #[arg(long, default_value_t = 2)]
     workers: usize,
+    /// Connections handed to one worker and not yet answered, at most (handoff only; default:
+    /// the library's).
+    #[arg(long)]
+    window: Option<usize>,
     /// Take control signals (handoff only): SIGUSR1 prints the status, SIGUSR2 reloads.
     #[arg(long)]
     control: bool,
@@ -86,7 +90,11 @@ async fn primary_handoff(args: PrimaryArgs) -> Result<()> {
     let (program, rest) = args.worker.split_first().context("no worker command")?;
     // Before the ready line: from then on the orchestrator may signal.
     let signals = if args.control { Some(super::scale::Signals::new()?) } else { None };
-    let primary = Primary::builder(program)
+    let mut builder = Primary::builder(program);
+    if let Some(window) = args.window {
+        builder = builder.window(window);
+    }
+    let primary = builder
         .args(rest)
         .workers(args.workers)
         .listen("127.0.0.1:0".parse()?)
