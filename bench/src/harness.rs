@@ -43,6 +43,9 @@ pub struct Ctx {
     pub concurrency: usize,
     /// Connections in the memory run.
     pub memory_connections: u64,
+    /// Scale: connections held open in the keep-alive run, and made in the soak.
+    pub keepalive_connections: usize,
+    pub soak_connections: u64,
 }
 
 impl Ctx {

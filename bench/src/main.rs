@@ -79,6 +79,16 @@ struct Cli {
     /// Measured round trips per run (default 10000, 2000 with --quick).
     #[arg(long)]
     rtt_count: Option<usize>,
+    /// Connections held open in the scale-keepalive run (default 10000, 2000 with --quick;
+    /// capped by the fd limit).
+    #[arg(long)]
+    keepalive_connections: Option<usize>,
+    /// Connections in the scale-soak run (default 100000, 20000 with --quick).
+    #[arg(long)]
+    soak_connections: Option<u64>,
+    /// Where the scale plots go (default bench/plots; with --quick, `plots` beside the JSON file).
+    #[arg(long)]
+    plots: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -167,9 +177,19 @@ fn orchestrate(cli: Cli, nofile: u64) -> Result<ExitCode> {
         seed_warmup: if quick { 200 } else { 1000 },
         concurrency: cli.concurrency,
         memory_connections: cli.memory_connections.unwrap_or(if quick { 10_000 } else { 100_000 }),
+        keepalive_connections: cli
+            .keepalive_connections
+            .unwrap_or(if quick { 2000 } else { 10_000 })
+            .min(nofile.saturating_sub(512) as usize),
+        soak_connections: cli.soak_connections.unwrap_or(if quick { 20_000 } else { 100_000 }),
     };
     let json_path = cli.json.clone().unwrap_or_else(|| {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join("bench-results").join("latest.json")
+    });
+    // A smoke run does not overwrite the committed plots.
+    let plots_dir = cli.plots.clone().unwrap_or_else(|| match (quick, json_path.parent()) {
+        (true, Some(dir)) => dir.join("plots"),
+        _ => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("plots"),
     });
 
     let machine = procs::machine_info(ctx.node.as_deref());
@@ -219,6 +239,7 @@ fn orchestrate(cli: Cli, nofile: u64) -> Result<ExitCode> {
     for result in &results.scenarios {
         result.print_lines(&mut out);
     }
+    scenarios::scale::report(&results, &plots_dir, &mut out)?;
     let linearity = targets::linearity(&results);
     if let Some((line, _)) = &linearity {
         writeln!(out, "{line}")?;
@@ -247,6 +268,8 @@ fn orchestrate(cli: Cli, nofile: u64) -> Result<ExitCode> {
             "seed_warmup": ctx.seed_warmup,
             "concurrency": ctx.concurrency,
             "memory_connections": ctx.memory_connections,
+            "keepalive_connections": ctx.keepalive_connections,
+            "soak_connections": ctx.soak_connections,
             "runtime": std::env::var("HANDOFF_BENCH_RT").unwrap_or_else(|_| "current".into()),
             "nofile": nofile,
         },

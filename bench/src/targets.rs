@@ -122,6 +122,14 @@ pub const TARGETS: &[Target] = &[
             }
         },
     },
+    Target {
+        name: "scale: primary CPU/conn flat over 1-16 workers (±20%)",
+        check: crate::scenarios::scale::workers_flat,
+    },
+    Target {
+        name: "scale soak: every connection answered, fds and RSS flat",
+        check: crate::scenarios::scale::soak_ok,
+    },
 ];
 
 /// Per-variant 32 MiB / 1 MiB throughput: below 0.5 suggests a cost growing faster than size.

@@ -1,8 +1,9 @@
-//! The cluster: a primary listens on 127.0.0.1:0 and its two workers answer each connection with
-//! `Child handled it.` and close it, round-robin (the primary accepts and hands each connection
+//! The cluster: a primary listens on 127.0.0.1:0 and its workers (two unless `--workers`) answer
+//! each connection with `Child handled it.` and close it, round-robin (the primary accepts and hands each connection
 //! over) or shared (the workers accept on the primary's listener). The primary prints
-//! `BENCH {"role":"seed-ready","addr":...,"pids":[primary, worker, worker]}` once both workers
-//! serve.
+//! `BENCH {"role":"seed-ready","addr":...,"pids":[primary, worker, ...]}` once every worker
+//! serves. With `--control` (handoff only) it also takes signals: see [`super::scale::control`].
+//! A worker with `--hold` keeps each connection after its answer until the client hangs up.
 //!
 //! - `handoff`: [`handoff::cluster::Primary`]; its workers are any command (this binary's
 //!   `cluster-worker --impl handoff`, or an unchanged Node app).
@@ -24,9 +25,6 @@ use super::{emit, runtime, Impl};
 use crate::bare;
 use crate::payload::REPLY;
 
-/// Workers per cluster.
-pub const WORKERS: usize = 2;
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Schedule {
     /// The primary accepts and hands connections over.
@@ -41,6 +39,16 @@ pub struct PrimaryArgs {
     imp: Impl,
     #[arg(long, value_enum)]
     schedule: Schedule,
+    /// Worker processes.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Connections handed to one worker and not yet answered, at most (handoff only; default:
+    /// the library's).
+    #[arg(long)]
+    window: Option<usize>,
+    /// Take control signals (handoff only): SIGUSR1 prints the status, SIGUSR2 reloads.
+    #[arg(long)]
+    control: bool,
     /// The worker command.
     #[arg(last = true, required = true)]
     worker: Vec<String>,
@@ -50,12 +58,19 @@ pub struct PrimaryArgs {
 pub struct WorkerArgs {
     #[arg(long = "impl", value_enum)]
     imp: Impl,
+    /// After answering, keep each connection until the client hangs up (handoff only), as a Node
+    /// app's `socket.end(reply)` does.
+    #[arg(long)]
+    hold: bool,
     /// Ignored (Node's primary passes its `exec` setting first).
     #[arg(hide = true)]
     rest: Vec<String>,
 }
 
 pub fn primary(args: PrimaryArgs) -> Result<()> {
+    if args.workers == 0 {
+        bail!("--workers must be at least 1");
+    }
     match args.imp {
         Impl::Handoff => runtime()?.block_on(primary_handoff(args)),
         Impl::Bare => primary_bare(args),
@@ -64,7 +79,8 @@ pub fn primary(args: PrimaryArgs) -> Result<()> {
 
 pub fn worker(args: WorkerArgs) -> Result<()> {
     match args.imp {
-        Impl::Handoff => runtime()?.block_on(worker_handoff()),
+        Impl::Handoff => runtime()?.block_on(worker_handoff(args.hold)),
+        Impl::Bare if args.hold => bail!("--hold needs --impl handoff"),
         Impl::Bare => worker_bare(),
     }
 }
@@ -72,9 +88,15 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
 async fn primary_handoff(args: PrimaryArgs) -> Result<()> {
     use handoff::cluster::{BoundAddr, Primary, Schedule as Mode};
     let (program, rest) = args.worker.split_first().context("no worker command")?;
-    let primary = Primary::builder(program)
+    // Before the ready line: from then on the orchestrator may signal.
+    let signals = if args.control { Some(super::scale::Signals::new()?) } else { None };
+    let mut builder = Primary::builder(program);
+    if let Some(window) = args.window {
+        builder = builder.window(window);
+    }
+    let primary = builder
         .args(rest)
-        .workers(WORKERS)
+        .workers(args.workers)
         .listen("127.0.0.1:0".parse()?)
         .schedule(match args.schedule {
             Schedule::Rr => Mode::RoundRobin,
@@ -89,16 +111,24 @@ async fn primary_handoff(args: PrimaryArgs) -> Result<()> {
     pids.extend(status.workers.iter().map(|w| w.pid));
     emit("seed-ready", json!({ "addr": addr.to_string(), "pids": pids }));
     // Serve until killed; the workers (their own process groups) die with their channel.
-    primary.stopped().await;
-    Ok(())
+    match signals {
+        Some(signals) => super::scale::control(&primary, signals).await,
+        None => {
+            primary.stopped().await;
+            Ok(())
+        }
+    }
 }
 
-async fn worker_handoff() -> Result<()> {
+async fn worker_handoff(hold: bool) -> Result<()> {
     let port = std::env::var("PORT").unwrap_or_else(|_| "0".into());
     let mut listener = handoff::cluster::listen(format!("127.0.0.1:{port}")).await?;
     while let Ok((mut socket, _)) = listener.accept().await {
         let _ = socket.write_all(REPLY.as_bytes()).await;
         let _ = socket.shutdown().await;
+        if hold {
+            tokio::spawn(super::scale::hold_until_hangup(socket));
+        }
     }
     Ok(())
 }
@@ -109,7 +139,7 @@ fn primary_bare(args: PrimaryArgs) -> Result<()> {
     let mut pids = vec![std::process::id()];
     let mut channels = Vec::new();
     let mut children = Vec::new();
-    for _ in 0..WORKERS {
+    for _ in 0..args.workers {
         let child = match args.schedule {
             Schedule::Rr => {
                 let (ours, theirs) = bare::socketpair()?;
@@ -125,6 +155,9 @@ fn primary_bare(args: PrimaryArgs) -> Result<()> {
         children.push(child);
     }
     emit("seed-ready", json!({ "addr": addr.to_string(), "pids": pids }));
+    if args.control {
+        bail!("--control needs --impl handoff");
+    }
     if args.schedule == Schedule::Shared {
         for mut child in children {
             child.wait()?;
@@ -133,7 +166,7 @@ fn primary_bare(args: PrimaryArgs) -> Result<()> {
     }
     listener.set_nonblocking(true)?;
     // Per worker: the connections it was sent and has not acked, oldest first.
-    let mut unacked: Vec<VecDeque<std::net::TcpStream>> = (0..WORKERS).map(|_| VecDeque::new()).collect();
+    let mut unacked: Vec<VecDeque<std::net::TcpStream>> = (0..args.workers).map(|_| VecDeque::new()).collect();
     let mut next = 0;
     let mut acks = [0u8; 4096];
     loop {
@@ -168,7 +201,7 @@ fn primary_bare(args: PrimaryArgs) -> Result<()> {
                     Ok((stream, _)) => {
                         bare::send_fd(channels[next].as_fd(), b"c", stream.as_fd()).context("sending to a worker")?;
                         unacked[next].push_back(stream);
-                        next = (next + 1) % WORKERS;
+                        next = (next + 1) % args.workers;
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                     Err(e) => {

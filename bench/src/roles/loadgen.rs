@@ -3,7 +3,9 @@
 //! (`--connections`). Each request connects, reads until the server closes, and checks the reply.
 //! One thread (a current-thread tokio runtime), so that it takes at most one of the cores.
 //!
-//! Prints `BENCH {"role":"loadgen","ok":..,"errors":..,"secs":..,"conn_per_s":..,"p50_us":..,..}`.
+//! Prints `BENCH {"role":"loadgen","ok":..,"errors":..,"secs":..,"conn_per_s":..,"p50_us":..,..}`;
+//! with `--progress N`, also `BENCH {"role":"loadgen-progress","done":..,"errors":..,"secs":..}`
+//! every N finished connections.
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
@@ -38,6 +40,9 @@ pub struct LoadArgs {
     /// Per-connection timeout.
     #[arg(long, default_value_t = 5.0)]
     timeout_secs: f64,
+    /// Print a progress line every this many finished connections (0: none).
+    #[arg(long, default_value_t = 0)]
+    progress: u64,
 }
 
 #[derive(Default)]
@@ -60,6 +65,7 @@ pub fn run(args: LoadArgs) -> Result<()> {
     let timed = args.connections.is_none();
     let expect: Rc<[u8]> = args.expect.as_bytes().into();
     let timeout = Duration::from_secs_f64(args.timeout_secs);
+    let progress = args.progress;
     local.block_on(&rt, async {
         let mut workers = Vec::new();
         for _ in 0..args.concurrency.max(1) {
@@ -86,6 +92,14 @@ pub fn run(args: LoadArgs) -> Result<()> {
                         }
                         Err(_) => {
                             *tally.errors.entry("timeout").or_default() += 1;
+                        }
+                    }
+                    if progress > 0 {
+                        let errors: u64 = tally.errors.values().sum();
+                        let done = tally.latencies_us.len() as u64 + errors;
+                        if done % progress == 0 {
+                            let secs = start.elapsed().as_secs_f64();
+                            emit("loadgen-progress", json!({ "done": done, "errors": errors, "secs": secs }));
                         }
                     }
                 }
@@ -124,6 +138,10 @@ async fn request(addr: SocketAddr, expect: &[u8]) -> Result<(), (&'static str, S
         tokio::net::TcpStream::connect(addr).await.map_err(|e| ("connect", e.to_string()))?;
     let mut reply = Vec::with_capacity(64);
     stream.read_to_end(&mut reply).await.map_err(|e| ("read", e.to_string()))?;
+    if reply.is_empty() {
+        // The server closed it without a byte: the process serving it died, say.
+        return Err(("closed", "closed without a reply".to_owned()));
+    }
     if reply != expect {
         return Err(("reply", format!("unexpected reply {:?}", String::from_utf8_lossy(&reply))));
     }

@@ -12,6 +12,7 @@ pub mod handles;
 pub mod loadgen;
 pub mod msg;
 pub mod rtt;
+pub mod scale;
 pub mod seed;
 
 use std::time::Duration;
@@ -44,6 +45,8 @@ pub enum Role {
     ClusterWorker(cluster::WorkerArgs),
     /// Connection-per-request load generator.
     Loadgen(loadgen::LoadArgs),
+    /// Opens connections to a cluster and keeps them open.
+    KeepaliveHold(scale::HoldArgs),
 }
 
 /// Which implementation a role uses.
@@ -76,6 +79,7 @@ pub fn run(role: Role) -> Result<()> {
         Role::ClusterPrimary(a) => cluster::primary(a),
         Role::ClusterWorker(a) => cluster::worker(a),
         Role::Loadgen(a) => loadgen::run(a),
+        Role::KeepaliveHold(a) => scale::hold(a),
     }
 }
 

@@ -6,6 +6,7 @@ mod handles;
 mod memory;
 mod msg;
 mod rtt;
+pub mod scale;
 mod seed;
 
 use std::time::{Duration, Instant};
@@ -30,6 +31,9 @@ pub fn registry() -> Vec<Box<dyn Scenario>> {
         Box::new(cluster::Cluster { schedule: "rr" }),
         Box::new(cluster::Cluster { schedule: "shared" }),
         Box::new(memory::Memory),
+        Box::new(scale::Workers),
+        Box::new(scale::Keepalive),
+        Box::new(scale::Soak),
     ]
 }
 
