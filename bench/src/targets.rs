@@ -59,24 +59,28 @@ pub const TARGETS: &[Target] = &[
         check: |r| ratio(r, "seed", "conn_per_s", "handoff", "node", 3.0, true),
     },
     Target {
-        name: "seed pipeline CPU/conn <= 1.5x bare",
-        check: |r| ratio(r, "seed", "cpu_us_per_conn", "handoff", "bare", 1.5, false),
+        name: "seed pipeline CPU/conn <= 1.5x bare with ack",
+        check: |r| ratio(r, "seed", "cpu_us_per_conn", "handoff", "bare-ack", 1.5, false),
     },
     Target {
-        name: "messages 64 B msg/s >= 10x Node",
-        check: |r| ratio(r, "msg-64B", "rate", "handoff-rr", "node", 10.0, true),
+        name: "seed pipeline conn/s >= 0.8x bare with ack",
+        check: |r| ratio(r, "seed", "conn_per_s", "handoff", "bare-ack", 0.8, true),
+    },
+    Target {
+        name: "messages 64 B msg/s >= 15x Node",
+        check: |r| ratio(r, "msg-64B", "rate", "handoff-rr", "node", 15.0, true),
     },
     Target {
         name: "messages 64 KiB MB/s >= 8x Node",
         check: |r| ratio(r, "msg-64KiB", "rate", "handoff-rr", "node", 8.0, true),
     },
     Target {
-        name: "large messages linear: 32 MiB MB/s >= 0.5x 1 MiB MB/s",
+        name: "large messages: 32 MiB MB/s >= 0.6x 1 MiB MB/s",
         check: |r| match (r.median("msg-32MiB", "handoff-rr", "rate"), r.median("msg-1MiB", "handoff-rr", "rate")) {
             (Some(big), Some(small)) if small > 0.0 => {
                 let x = big / small;
                 (
-                    if x >= 0.5 { Status::Pass } else { Status::Miss },
+                    if x >= 0.6 { Status::Pass } else { Status::Miss },
                     format!("handoff-rr 32MiB/1MiB = {x:.2} ({big:.0} vs {small:.0} MB/s)"),
                 )
             }
@@ -84,24 +88,44 @@ pub const TARGETS: &[Target] = &[
         },
     },
     Target {
-        name: "round trip p50 <= 1.5x bare",
-        check: |r| ratio(r, "rtt", "p50_us", "handoff-rr", "bare", 1.5, false),
+        name: "round trip p50 <= 1.3x bare",
+        check: |r| ratio(r, "rtt", "p50_us", "handoff-rr", "bare", 1.3, false),
+    },
+    Target {
+        name: "round trip p99 <= 1.5x bare",
+        check: |r| ratio(r, "rtt", "p99_us", "handoff-rr", "bare", 1.5, false),
+    },
+    Target {
+        name: "handles, window 1 (Node-compatible) >= 0.9x bare ack-per-fd",
+        check: |r| ratio(r, "handles", "rate", "handoff-w1", "bare-ack", 0.9, true),
     },
     Target {
         name: "handles (Node-compatible ack) >= 3x Node net.Socket",
         check: |r| ratio(r, "handles", "rate", "handoff-w1", "node-socket", 3.0, true),
     },
     Target {
-        name: "handles pipelined (both handoff) >= 0.8x bare pipelined",
-        check: |r| ratio(r, "handles", "rate", "handoff-w64", "bare-pipelined", 0.8, true),
+        name: "handles pipelined (both handoff) >= 0.9x bare pipelined",
+        check: |r| ratio(r, "handles", "rate", "handoff-w64", "bare-pipelined", 0.9, true),
     },
     Target {
         name: "cluster rr: Node workers, handoff primary conn/s >= 1.5x Node's cluster",
         check: |r| ratio(r, "cluster-rr", "conn_per_s", "handoff+node", "node", 1.5, true),
     },
     Target {
-        name: "cluster rr: primary CPU/conn <= 1.5x bare",
+        name: "cluster rr: primary CPU/conn <= 1.5x bare with ack (Rust workers)",
         check: |r| ratio(r, "cluster-rr", "primary_cpu_us_per_conn", "handoff", "bare", 1.5, false),
+    },
+    Target {
+        name: "cluster rr: primary CPU/conn <= 1.5x bare with ack (Node workers)",
+        check: |r| ratio(r, "cluster-rr", "primary_cpu_us_per_conn", "handoff+node", "bare", 1.5, false),
+    },
+    Target {
+        name: "cluster rr: conn/s >= 0.8x bare (Rust workers)",
+        check: |r| ratio(r, "cluster-rr", "conn_per_s", "handoff", "bare", 0.8, true),
+    },
+    Target {
+        name: "cluster shared: conn/s >= 0.95x bare shared accept (Rust workers)",
+        check: |r| ratio(r, "cluster-shared", "conn_per_s", "handoff", "bare", 0.95, true),
     },
     Target {
         name: "cluster shared: Node workers, handoff primary conn/s >= Node's cluster",
