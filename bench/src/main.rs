@@ -17,6 +17,7 @@ mod payload;
 mod procs;
 mod roles;
 mod scenarios;
+mod spin;
 mod targets;
 
 use std::io::Write;
@@ -79,6 +80,10 @@ struct Cli {
     /// Measured round trips per run (default 10000, 2000 with --quick).
     #[arg(long)]
     rtt_count: Option<usize>,
+    /// Keep every allowed CPU busy with a SCHED_IDLE busy loop for the whole run, so that no
+    /// core sleeps in deep idle (see BENCHMARKS.md, spinner mode).
+    #[arg(long)]
+    spin: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -176,7 +181,7 @@ fn orchestrate(cli: Cli, nofile: u64) -> Result<ExitCode> {
     let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
     eprintln!(
         "handoff-bench: {} CPUs ({}), {} GiB, kernel {}, {}, node {}; {profile} build; runs={} \
-         msg={}s seed={}s x{} handles={} rtt={} memory={} conns",
+         msg={}s seed={}s x{} handles={} rtt={} memory={} conns; spin={}",
         machine["cpus"],
         machine["cpu_model"].as_str().unwrap_or("?"),
         machine["memory_gib"],
@@ -190,11 +195,20 @@ fn orchestrate(cli: Cli, nofile: u64) -> Result<ExitCode> {
         ctx.handles_count,
         ctx.rtt_count,
         ctx.memory_connections,
+        cli.spin,
     );
     if cfg!(debug_assertions) && !quick {
         eprintln!("warning: a debug build; run with --release for real figures");
     }
 
+    // Threads of this process, stopped when `_spinners` drops (and gone with the process anyway).
+    let _spinners = if cli.spin {
+        let spinners = spin::Spinners::start().context("--spin")?;
+        eprintln!("spinning at SCHED_IDLE on CPUs {:?}", spinners.cpus());
+        Some(spinners)
+    } else {
+        None
+    };
     let started = Instant::now();
     let mut results = Results::default();
     for scenario in &selected {
@@ -210,11 +224,12 @@ fn orchestrate(cli: Cli, nofile: u64) -> Result<ExitCode> {
     writeln!(out)?;
     writeln!(
         out,
-        "handoff-bench ({profile}, {} CPUs {}, node {}, runs={}, medians; * = some runs failed)",
+        "handoff-bench ({profile}, {} CPUs {}, node {}, runs={}, spin={}, medians; * = some runs failed)",
         machine["cpus"],
         machine["cpu_model"].as_str().unwrap_or("?"),
         machine["node"].as_str().unwrap_or("n/a"),
-        ctx.runs
+        ctx.runs,
+        cli.spin
     )?;
     for result in &results.scenarios {
         result.print_lines(&mut out);
@@ -249,6 +264,7 @@ fn orchestrate(cli: Cli, nofile: u64) -> Result<ExitCode> {
             "memory_connections": ctx.memory_connections,
             "runtime": std::env::var("HANDOFF_BENCH_RT").unwrap_or_else(|_| "current".into()),
             "nofile": nofile,
+            "spin": cli.spin,
         },
         "elapsed_secs": elapsed,
         "scenarios": results.scenarios.iter().map(|s| s.to_json()).collect::<Vec<_>>(),

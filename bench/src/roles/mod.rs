@@ -7,6 +7,7 @@
 //! `$HANDOFF_BENCH_RT`: `current`, the default, as the README advises and the examples use, or
 //! `multi`, as plain `#[tokio::main]`) and a bare one (std + libc, blocking; see [`crate::bare`]).
 
+pub mod children;
 pub mod cluster;
 pub mod handles;
 pub mod loadgen;
@@ -44,6 +45,8 @@ pub enum Role {
     ClusterWorker(cluster::WorkerArgs),
     /// Connection-per-request load generator.
     Loadgen(loadgen::LoadArgs),
+    /// Starts many echo children and keeps messages in flight on every channel at once.
+    ChildrenParent(children::ParentArgs),
 }
 
 /// Which implementation a role uses.
@@ -76,6 +79,7 @@ pub fn run(role: Role) -> Result<()> {
         Role::ClusterPrimary(a) => cluster::primary(a),
         Role::ClusterWorker(a) => cluster::worker(a),
         Role::Loadgen(a) => loadgen::run(a),
+        Role::ChildrenParent(a) => children::parent(a),
     }
 }
 

@@ -1,6 +1,7 @@
 //! The scenario table. Add a row: a struct implementing [`Scenario`] in its own file, and one
 //! line in [`registry`].
 
+mod children;
 mod cluster;
 mod handles;
 mod memory;
@@ -30,6 +31,7 @@ pub fn registry() -> Vec<Box<dyn Scenario>> {
         Box::new(cluster::Cluster { schedule: "rr" }),
         Box::new(cluster::Cluster { schedule: "shared" }),
         Box::new(memory::Memory),
+        Box::new(children::Children { count: 64 }),
     ]
 }
 
