@@ -9,12 +9,14 @@ const { parseArgs, messageMaker, emit, startChild, dieWithParent } = require('./
 const { role, opts, child: childCmd } = parseArgs(process.argv.slice(2))
 dieWithParent()
 
-// VmRSS in KiB.
-function rssKib (pid) {
+// A KiB field of /proc/PID/status (VmRSS, RssAnon).
+function statusKib (pid, name) {
   const status = fs.readFileSync(`/proc/${pid}/status`, 'utf8')
-  const line = status.split('\n').find((l) => l.startsWith('VmRSS:'))
+  const line = status.split('\n').find((l) => l.startsWith(name + ':'))
   return Number(line.split(/\s+/)[1])
 }
+const rssKib = (pid) => statusKib(pid, 'VmRSS')
+const ownMemory = () => ({ rss: statusKib(process.pid, 'VmRSS'), anon: statusKib(process.pid, 'RssAnon') })
 
 // Pss in KiB.
 function pssKib (pid) {
@@ -40,7 +42,7 @@ if (role === 'parent') {
   const clkTck = Number(opts['clk-tck'])
   if (!(clkTck > 0)) throw new Error('--clk-tck is required')
   const make = messageMaker(64)
-  const before = rssKib(process.pid)
+  const before = ownMemory()
   const kids = []
   for (let i = 0; i < n; i++) {
     const child = startChild(childCmd)
@@ -65,7 +67,7 @@ if (role === 'parent') {
     }
   }
   const start = () => {
-    ready = rssKib(process.pid)
+    ready = ownMemory()
     for (const k of kids) {
       for (let j = 0; j < window; j++) k.child.send(make(k.seq++))
       k.inFlight = window
@@ -75,7 +77,7 @@ if (role === 'parent') {
       setTimeout(() => {
         m1 = mark()
         mem = {
-          parent: rssKib(process.pid),
+          parent: ownMemory(),
           rss: pids.map(rssKib),
           pss: pids.map(pssKib)
         }
@@ -126,9 +128,12 @@ if (role === 'parent') {
       per_channel_mean: mean(perChannel),
       parent_cpu_s: m1.parentCpu - m0.parentCpu,
       children_cpu_s: m1.childrenCpu - m0.childrenCpu,
-      parent_rss_before_kib: before,
-      parent_rss_ready_kib: ready,
-      parent_rss_active_kib: mem.parent,
+      parent_rss_before_kib: before.rss,
+      parent_rss_ready_kib: ready.rss,
+      parent_rss_active_kib: mem.parent.rss,
+      parent_anon_before_kib: before.anon,
+      parent_anon_ready_kib: ready.anon,
+      parent_anon_active_kib: mem.parent.anon,
       child_rss_kib_mean: mean(mem.rss),
       child_pss_kib_mean: mean(mem.pss),
       child_rss_kib: mem.rss

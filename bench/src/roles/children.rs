@@ -75,14 +75,14 @@ fn mark(counts: Vec<u64>, pids: &[u32]) -> Result<Mark> {
 
 /// Memory of the parent and the children, taken with every channel busy.
 struct Memory {
-    parent_kib: u64,
+    parent: OwnMemory,
     children_rss_kib: Vec<u64>,
     children_pss_kib: Vec<u64>,
 }
 
 fn memory(pids: &[u32]) -> Result<Memory> {
     Ok(Memory {
-        parent_kib: rss_kib(std::process::id())?,
+        parent: own_memory()?,
         children_rss_kib: pids.iter().map(|&p| rss_kib(p)).collect::<Result<_>>().context("a child died")?,
         children_pss_kib: pids.iter().map(|&p| pss_kib(p)).collect::<Result<_>>().context("a child died")?,
     })
@@ -97,7 +97,7 @@ fn pss_kib(pid: u32) -> Result<u64> {
     Ok(line.split_whitespace().nth(1).context("bad Pss line")?.parse()?)
 }
 
-fn report(args: &ParentArgs, before_kib: u64, ready_kib: u64, m0: &Mark, m1: &Mark, mem: &Memory) -> Value {
+fn report(args: &ParentArgs, before: OwnMemory, ready: OwnMemory, m0: &Mark, m1: &Mark, mem: &Memory) -> Value {
     let per_channel: Vec<u64> = m1.counts.iter().zip(&m0.counts).map(|(b, a)| b - a).collect();
     let count: u64 = per_channel.iter().sum();
     let mean = |v: &[u64]| v.iter().sum::<u64>() as f64 / v.len().max(1) as f64;
@@ -111,21 +111,38 @@ fn report(args: &ParentArgs, before_kib: u64, ready_kib: u64, m0: &Mark, m1: &Ma
         "per_channel_mean": mean(&per_channel),
         "parent_cpu_s": m1.parent_cpu - m0.parent_cpu,
         "children_cpu_s": m1.children_cpu - m0.children_cpu,
-        "parent_rss_before_kib": before_kib,
-        "parent_rss_ready_kib": ready_kib,
-        "parent_rss_active_kib": mem.parent_kib,
+        "parent_rss_before_kib": before.rss_kib,
+        "parent_rss_ready_kib": ready.rss_kib,
+        "parent_rss_active_kib": mem.parent.rss_kib,
+        "parent_anon_before_kib": before.anon_kib,
+        "parent_anon_ready_kib": ready.anon_kib,
+        "parent_anon_active_kib": mem.parent.anon_kib,
         "child_rss_kib_mean": mean(&mem.children_rss_kib),
         "child_pss_kib_mean": mean(&mem.children_pss_kib),
         "child_rss_kib": mem.children_rss_kib,
     })
 }
 
-fn own_rss() -> Result<u64> {
-    rss_kib(std::process::id())
+/// This process's memory, from `/proc/self/status`: `VmRSS`, and `RssAnon`, its anonymous part
+/// (heap, stacks, buffers: what the channels allocate, without the program's code and libraries
+/// paged in from their files as new code paths run).
+#[derive(Debug, Clone, Copy)]
+struct OwnMemory {
+    rss_kib: u64,
+    anon_kib: u64,
+}
+
+fn own_memory() -> Result<OwnMemory> {
+    let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let field = |name: &str| -> Result<u64> {
+        let line = status.lines().find(|l| l.starts_with(name)).with_context(|| format!("no {name}"))?;
+        Ok(line.split_whitespace().nth(1).with_context(|| format!("bad {name}"))?.parse()?)
+    };
+    Ok(OwnMemory { rss_kib: field("VmRSS:")?, anon_kib: field("RssAnon:")? })
 }
 
 async fn parent_handoff(args: &ParentArgs) -> Result<Value> {
-    let before = own_rss()?;
+    let before = own_memory()?;
     let mut kids = Vec::with_capacity(args.children);
     for _ in 0..args.children {
         kids.push(super::spawn_handoff_child(&args.child, None)?);
@@ -137,7 +154,7 @@ async fn parent_handoff(args: &ParentArgs) -> Result<Value> {
     for (i, kid) in kids.iter_mut().enumerate() {
         super::wait_ready(kid).await.with_context(|| format!("child {i}"))?;
     }
-    let ready = own_rss()?;
+    let ready = own_memory()?;
 
     let stop = Arc::new(AtomicBool::new(false));
     let counts: Arc<Vec<AtomicU64>> = Arc::new((0..args.children).map(|_| AtomicU64::new(0)).collect());
@@ -205,7 +222,7 @@ struct BareChannel {
 }
 
 fn parent_bare(args: &ParentArgs) -> Result<Value> {
-    let before = own_rss()?;
+    let before = own_memory()?;
     let mut channels = Vec::with_capacity(args.children);
     let mut kids = Vec::with_capacity(args.children);
     for _ in 0..args.children {
@@ -219,7 +236,7 @@ fn parent_bare(args: &ParentArgs) -> Result<Value> {
     for (i, ch) in channels.iter().enumerate() {
         super::bare_wait_ready(ch.fd.as_fd()).with_context(|| format!("child {i}"))?;
     }
-    let ready = own_rss()?;
+    let ready = own_memory()?;
 
     // Every frame is the same 64-byte message; `window` of them back to back.
     let frames = payload::frame(SMALL).repeat(args.window);

@@ -36,8 +36,9 @@ impl Scenario for Children {
             "one parent, {} children, each with its own channel; the parent keeps {WINDOW} 64-byte \
              messages in flight on every channel at once, each child echoes every message, each \
              echo is answered with the next message; msg/s = echoes received by the parent, all \
-             channels; memory: parent VmRSS with every channel busy minus before the first spawn, \
-             per channel; children: VmRSS and Pss",
+             channels; memory: parent VmRSS (and its anonymous part, RssAnon: without code paged in) \
+             with every channel busy minus before the first spawn, per channel; children: VmRSS \
+             and Pss",
             self.count
         )
     }
@@ -59,7 +60,11 @@ impl Scenario for Children {
                 .ratio("handoff/node", "handoff", "node")
                 .ratio("handoff/bare", "handoff", "bare"),
             MetricSpec::new("min_share", format!("{n} slowest channel (x mean)")),
-            MetricSpec::new("parent_kib_per_channel", format!("{n} parent KiB/channel"))
+            MetricSpec::new("parent_kib_per_channel", format!("{n} parent RSS KiB/channel"))
+                .lower_is_better()
+                .ratio("handoff/node", "handoff", "node")
+                .ratio("handoff/bare", "handoff", "bare"),
+            MetricSpec::new("parent_anon_kib_per_channel", format!("{n} parent anon KiB/channel"))
                 .lower_is_better()
                 .ratio("handoff/node", "handoff", "node")
                 .ratio("handoff/bare", "handoff", "bare"),
@@ -120,6 +125,10 @@ impl Scenario for Children {
             .set("min_share", num(&raw, "per_channel_min")? / num(&raw, "per_channel_mean")?.max(1e-9))
             .set("parent_kib_per_channel", (active - before) / n)
             .set("parent_ready_kib_per_channel", (num(&raw, "parent_rss_ready_kib")? - before) / n)
+            .set(
+                "parent_anon_kib_per_channel",
+                (num(&raw, "parent_anon_active_kib")? - num(&raw, "parent_anon_before_kib")?) / n,
+            )
             .set("child_rss_kib", num(&raw, "child_rss_kib_mean")?)
             .set("child_pss_kib", num(&raw, "child_pss_kib_mean")?)
             .set("count", count)
