@@ -17,6 +17,7 @@ mod payload;
 mod procs;
 mod roles;
 mod scenarios;
+mod spin;
 mod targets;
 
 use std::io::Write;
@@ -89,6 +90,10 @@ struct Cli {
     /// Where the scale plots go (default bench/plots; with --quick, `plots` beside the JSON file).
     #[arg(long)]
     plots: Option<PathBuf>,
+    /// Keep every allowed CPU busy with a SCHED_IDLE busy loop for the whole run, so that no
+    /// core sleeps in deep idle (see BENCHMARKS.md, spinner mode).
+    #[arg(long)]
+    spin: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -196,7 +201,7 @@ fn orchestrate(cli: Cli, nofile: u64) -> Result<ExitCode> {
     let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
     eprintln!(
         "handoff-bench: {} CPUs ({}), {} GiB, kernel {}, {}, node {}; {profile} build; runs={} \
-         msg={}s seed={}s x{} handles={} rtt={} memory={} conns",
+         msg={}s seed={}s x{} handles={} rtt={} memory={} conns; spin={}",
         machine["cpus"],
         machine["cpu_model"].as_str().unwrap_or("?"),
         machine["memory_gib"],
@@ -210,11 +215,20 @@ fn orchestrate(cli: Cli, nofile: u64) -> Result<ExitCode> {
         ctx.handles_count,
         ctx.rtt_count,
         ctx.memory_connections,
+        cli.spin,
     );
     if cfg!(debug_assertions) && !quick {
         eprintln!("warning: a debug build; run with --release for real figures");
     }
 
+    // Threads of this process, stopped when `_spinners` drops (and gone with the process anyway).
+    let _spinners = if cli.spin {
+        let spinners = spin::Spinners::start().context("--spin")?;
+        eprintln!("spinning at SCHED_IDLE on CPUs {:?}", spinners.cpus());
+        Some(spinners)
+    } else {
+        None
+    };
     let started = Instant::now();
     let mut results = Results::default();
     for scenario in &selected {
@@ -230,11 +244,12 @@ fn orchestrate(cli: Cli, nofile: u64) -> Result<ExitCode> {
     writeln!(out)?;
     writeln!(
         out,
-        "handoff-bench ({profile}, {} CPUs {}, node {}, runs={}, medians; * = some runs failed)",
+        "handoff-bench ({profile}, {} CPUs {}, node {}, runs={}, spin={}, medians; * = some runs failed)",
         machine["cpus"],
         machine["cpu_model"].as_str().unwrap_or("?"),
         machine["node"].as_str().unwrap_or("n/a"),
-        ctx.runs
+        ctx.runs,
+        cli.spin
     )?;
     for result in &results.scenarios {
         result.print_lines(&mut out);
@@ -272,6 +287,7 @@ fn orchestrate(cli: Cli, nofile: u64) -> Result<ExitCode> {
             "soak_connections": ctx.soak_connections,
             "runtime": std::env::var("HANDOFF_BENCH_RT").unwrap_or_else(|_| "current".into()),
             "nofile": nofile,
+            "spin": cli.spin,
         },
         "elapsed_secs": elapsed,
         "scenarios": results.scenarios.iter().map(|s| s.to_json()).collect::<Vec<_>>(),

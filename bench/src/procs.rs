@@ -216,7 +216,8 @@ pub fn cpu_seconds(pid: u32) -> Result<f64> {
 }
 
 /// Machine-wide (busy, total) CPU time in clock ticks, all cores, from `/proc/stat`: busy is
-/// everything but idle and iowait (so softirq time spent on loopback TCP counts).
+/// everything but idle and iowait (so softirq time spent on loopback TCP counts), minus what the
+/// `--spin` spinners used (they fill otherwise idle time).
 pub fn machine_cpu() -> Result<(f64, f64)> {
     let stat = std::fs::read_to_string("/proc/stat")?;
     let line = stat.lines().find(|l| l.starts_with("cpu ")).ok_or_else(|| anyhow!("no cpu line"))?;
@@ -224,7 +225,7 @@ pub fn machine_cpu() -> Result<(f64, f64)> {
     // user nice system idle iowait irq softirq steal (guest time is inside user already)
     let total: f64 = fields.iter().take(8).sum();
     let idle = fields.get(3).copied().unwrap_or(0.0) + fields.get(4).copied().unwrap_or(0.0);
-    Ok((total - idle, total))
+    Ok((total - idle - crate::spin::busy_ticks(), total))
 }
 
 /// `sysconf(_SC_CLK_TCK)`.

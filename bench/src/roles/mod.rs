@@ -7,6 +7,7 @@
 //! `$HANDOFF_BENCH_RT`: `current`, the default, as the README advises and the examples use, or
 //! `multi`, as plain `#[tokio::main]`) and a bare one (std + libc, blocking; see [`crate::bare`]).
 
+pub mod children;
 pub mod cluster;
 pub mod handles;
 pub mod loadgen;
@@ -47,6 +48,8 @@ pub enum Role {
     Loadgen(loadgen::LoadArgs),
     /// Opens connections to a cluster and keeps them open.
     KeepaliveHold(scale::HoldArgs),
+    /// Starts many echo children and keeps messages in flight on every channel at once.
+    ChildrenParent(children::ParentArgs),
 }
 
 /// Which implementation a role uses.
@@ -80,6 +83,7 @@ pub fn run(role: Role) -> Result<()> {
         Role::ClusterWorker(a) => cluster::worker(a),
         Role::Loadgen(a) => loadgen::run(a),
         Role::KeepaliveHold(a) => scale::hold(a),
+        Role::ChildrenParent(a) => children::parent(a),
     }
 }
 

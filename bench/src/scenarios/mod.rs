@@ -1,6 +1,7 @@
 //! The scenario table. Add a row: a struct implementing [`Scenario`] in its own file, and one
 //! line in [`registry`].
 
+mod children;
 mod cluster;
 mod handles;
 mod memory;
@@ -34,6 +35,7 @@ pub fn registry() -> Vec<Box<dyn Scenario>> {
         Box::new(scale::Workers),
         Box::new(scale::Keepalive),
         Box::new(scale::Soak),
+        Box::new(children::Children { count: 64 }),
     ]
 }
 
