@@ -60,11 +60,11 @@ pub const TARGETS: &[Target] = &[
     },
     Target {
         name: "seed pipeline CPU/conn <= 1.5x bare with ack",
-        check: |r| ratio(r, "seed", "cpu_us_per_conn", "handoff", "bare-ack", 1.5, false),
+        check: |r| ratio(r, "seed", "cpu_us_per_conn", "handoff-direct", "bare-ack", 1.5, false),
     },
     Target {
         name: "seed pipeline conn/s >= 0.8x bare with ack",
-        check: |r| ratio(r, "seed", "conn_per_s", "handoff", "bare-ack", 0.8, true),
+        check: |r| ratio(r, "seed", "conn_per_s", "handoff-direct", "bare-ack", 0.8, true),
     },
     Target {
         name: "messages 64 B msg/s >= 15x Node",

@@ -506,6 +506,12 @@ pub(crate) fn parse_line(
     line: &[u8],
     max_depth: usize,
 ) -> Result<(String, Option<String>), FrameError> {
+    // The acknowledgement, byte for byte as Node and handoff write it, arrives once per handle:
+    // it is known without parsing.
+    const ACK_LINE: &str = r#"{"cmd":"NODE_HANDLE_ACK"}"#;
+    if line == ACK_LINE.as_bytes() {
+        return Ok((ACK_LINE.to_owned(), Some("NODE_HANDLE_ACK".to_owned())));
+    }
     let text = match std::str::from_utf8(line) {
         Ok(s) => Cow::Borrowed(s),
         Err(_) => String::from_utf8_lossy(line),

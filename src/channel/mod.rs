@@ -822,6 +822,13 @@ impl Sender {
         self.enqueue(bytes, None, None).await.map_err(|(error, _)| error)
     }
 
+    /// [`send_protocol`](Sender::send_protocol) of a message handoff encoded itself as compact
+    /// JSON (no newline).
+    pub(crate) async fn send_protocol_encoded(&self, mut json: Vec<u8>) -> Result<(), SendError> {
+        json.push(b'\n');
+        self.enqueue(json, None, None).await.map_err(|(error, _)| error)
+    }
+
     /// Queues `handle` with an internal message (a `NODE_CLUSTER` one) as its `msg`, without
     /// waiting: fails with the handle given back when the channel has no room for it now.
     pub(crate) fn try_queue_protocol_handle<T: Serialize + ?Sized, H: IntoWire>(
@@ -829,10 +836,19 @@ impl Sender {
         message: &T,
         handle: H,
     ) -> Result<Delivery<H::Back>, SendHandleError<H::Back>> {
-        let msg = match frame::encode_json(message) {
-            Ok(msg) => msg,
-            Err(e) => return Err(unsent(SendError::Serialize(e), handle)),
-        };
+        match frame::encode_json(message) {
+            Ok(msg) => self.try_queue_encoded_protocol_handle(msg, handle),
+            Err(e) => Err(unsent(SendError::Serialize(e), handle)),
+        }
+    }
+
+    /// [`try_queue_protocol_handle`](Sender::try_queue_protocol_handle) with the message already
+    /// encoded as compact JSON by handoff itself (the cluster's per-connection `newconn`).
+    pub(crate) fn try_queue_encoded_protocol_handle<H: IntoWire>(
+        &self,
+        msg: Vec<u8>,
+        handle: H,
+    ) -> Result<Delivery<H::Back>, SendHandleError<H::Back>> {
         if !self.is_connected() {
             return Err(unsent(SendError::Disconnected { written: false }, handle));
         }

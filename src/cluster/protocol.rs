@@ -172,7 +172,30 @@ pub(crate) enum FromPrimary {
     Other,
 }
 
+/// The fields of a `newconn`, read without building a `Value`.
+#[derive(serde::Deserialize)]
+struct NewConnFields<'a> {
+    act: Option<&'a str>,
+    #[serde(borrow)]
+    key: Option<std::borrow::Cow<'a, str>>,
+    seq: Option<u64>,
+}
+
 impl FromPrimary {
+    /// Parses the JSON text of a cluster message.
+    pub(crate) fn parse_json(json: &str) -> FromPrimary {
+        // The message of every connection takes the short way.
+        if let Ok(NewConnFields { act: Some("newconn"), key: Some(key), seq }) =
+            crate::channel::json::from_str::<NewConnFields<'_>>(json)
+        {
+            return FromPrimary::NewConn { seq: seq.unwrap_or(0), key: key.into_owned() };
+        }
+        match crate::channel::json::from_str::<Value>(json) {
+            Ok(value) => FromPrimary::parse(value),
+            Err(_) => FromPrimary::Other,
+        }
+    }
+
     pub(crate) fn parse(message: Value) -> FromPrimary {
         let seq = message.get("seq").and_then(Value::as_u64).unwrap_or(0);
         match message.get("act").and_then(Value::as_str) {
@@ -230,6 +253,25 @@ pub(crate) struct ActKey<'a> {
     pub(crate) act: &'static str,
     pub(crate) key: &'a str,
     pub(crate) seq: u64,
+}
+
+/// `{"cmd":"NODE_CLUSTER","act":"newconn","key":K,"seq":S}` as compact JSON: the same bytes as
+/// [`ActKey`] serializes to, written directly because the primary sends one per connection.
+pub(crate) fn newconn(key: &str, seq: u64) -> Vec<u8> {
+    let mut json = Vec::with_capacity(64 + key.len());
+    json.extend_from_slice(br#"{"cmd":"NODE_CLUSTER","act":"newconn","key":"#);
+    // A string always serializes (JSON-escaped, in quotes).
+    let _ = serde_json::to_writer(&mut json, key);
+    json.extend_from_slice(br#","seq":"#);
+    json.extend_from_slice(seq.to_string().as_bytes());
+    json.push(b'}');
+    json
+}
+
+/// `{"cmd":"NODE_CLUSTER","ack":A,"accepted":B,"seq":S}`: a worker's answer to a `newconn`, the
+/// same bytes as [`Ack`] serializes to, written directly because it is sent per connection.
+pub(crate) fn accepted(ack: u64, accepted: bool, seq: u64) -> Vec<u8> {
+    format!(r#"{{"cmd":"NODE_CLUSTER","ack":{ack},"accepted":{accepted},"seq":{seq}}}"#).into_bytes()
 }
 
 /// `{"cmd":"NODE_CLUSTER","act":ACT,"seq":S}` (`disconnect`, `online`, `exitedAfterDisconnect`).
@@ -304,10 +346,33 @@ mod tests {
             serde_json::to_string(&reply).unwrap(),
             r#"{"cmd":"NODE_CLUSTER","errno":null,"key":"127.0.0.1:0:4:undefined:0","ack":1,"data":null,"sockname":{"address":"127.0.0.1","family":"IPv4","port":40349},"seq":0}"#
         );
-        let newconn = ActKey { cmd: CLUSTER, act: "newconn", key: "k", seq: 1 };
-        assert_eq!(serde_json::to_string(&newconn).unwrap(), r#"{"cmd":"NODE_CLUSTER","act":"newconn","key":"k","seq":1}"#);
+        let newconn_message = ActKey { cmd: CLUSTER, act: "newconn", key: "k", seq: 1 };
+        assert_eq!(serde_json::to_string(&newconn_message).unwrap(), r#"{"cmd":"NODE_CLUSTER","act":"newconn","key":"k","seq":1}"#);
+        for (key, seq) in [("k", 1), ("127.0.0.1:0:4:undefined:0", u64::MAX), ("\"quoted\"\n\u{1}é", 0)] {
+            let expected = serde_json::to_vec(&ActKey { cmd: CLUSTER, act: "newconn", key, seq }).unwrap();
+            assert_eq!(newconn(key, seq), expected, "{key:?}");
+        }
         let reply = Ack { cmd: CLUSTER, ack: 1, accepted: Some(true), seq: 3 };
         assert_eq!(serde_json::to_string(&reply).unwrap(), r#"{"cmd":"NODE_CLUSTER","ack":1,"accepted":true,"seq":3}"#);
+        for (ack, ok, seq) in [(1, true, 3), (u64::MAX, false, 0)] {
+            let expected = serde_json::to_vec(&Ack { cmd: CLUSTER, ack, accepted: Some(ok), seq }).unwrap();
+            assert_eq!(accepted(ack, ok, seq), expected);
+        }
+    }
+
+    #[test]
+    fn primary_messages_parse_the_short_way_and_the_long_way_alike() {
+        let texts = [
+            r#"{"cmd":"NODE_CLUSTER","act":"newconn","key":"127.0.0.1:0:4:undefined:0","seq":7}"#,
+            r#"{"cmd":"NODE_CLUSTER","act":"newconn","key":"a\"b\u00e9","seq":1}"#,
+            r#"{"cmd":"NODE_CLUSTER","act":"newconn","seq":1}"#,
+            r#"{"cmd":"NODE_CLUSTER","act":"disconnect","seq":2}"#,
+            r#"{"cmd":"NODE_CLUSTER","ack":3,"errno":null,"seq":4}"#,
+        ];
+        for text in texts {
+            let long = FromPrimary::parse(serde_json::from_str(text).unwrap());
+            assert_eq!(format!("{:?}", FromPrimary::parse_json(text)), format!("{long:?}"), "{text}");
+        }
     }
 
     #[test]

@@ -35,7 +35,7 @@ use serde_json::Value;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::protocol::{Act, Ack, ActKey, FromPrimary, ServerMessage, CLUSTER};
+use super::protocol::{Act, ActKey, FromPrimary, ServerMessage, CLUSTER};
 use crate::channel::{ChannelConfig, Message, Receiver, Sender};
 use crate::handle::ReceivedHandle;
 use crate::server::AcceptRetry;
@@ -340,8 +340,8 @@ impl Link {
 
     /// Answers the primary's `newconn` number `seq`.
     async fn answer(&self, seq: u64, accepted: bool) {
-        let reply = Ack { cmd: CLUSTER, ack: seq, accepted: Some(accepted), seq: self.next_seq() };
-        let _ = self.sender.send_protocol(&reply).await;
+        let reply = super::protocol::accepted(seq, accepted, self.next_seq());
+        let _ = self.sender.send_protocol_encoded(reply).await;
     }
 }
 
@@ -357,8 +357,7 @@ async fn read_from_primary(link: Arc<Link>, mut receiver: Receiver) {
             continue;
         }
         let handle = message.take_handle();
-        let Ok(value) = message.value() else { continue };
-        match FromPrimary::parse(value) {
+        match FromPrimary::parse_json(message.json()) {
             FromPrimary::NewConn { seq, key } => link.on_newconn(seq, &key, handle).await,
             FromPrimary::Disconnect => {
                 link.close_servers().await;

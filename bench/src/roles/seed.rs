@@ -113,8 +113,8 @@ async fn parent_handoff(args: ParentArgs) -> Result<()> {
 }
 
 /// `examples/child.rs`, verbatim in spirit. With `lean`, the reply goes through a std socket: one
-/// non-blocking `write` of 17 bytes into a fresh connection's empty send buffer, then `shutdown`
-/// and `close`, as the bare child does (no tokio registration, no `FIONBIO`, no task); whatever
+/// non-blocking `write` of 17 bytes into a fresh connection's empty send buffer, then `close`, as
+/// the bare child does (no tokio registration, no `FIONBIO`, no task); whatever
 /// that write could not take (never seen) is finished by a tokio socket and a task.
 async fn child_handoff(lean: bool) -> Result<()> {
     use std::io::Write;
@@ -133,7 +133,7 @@ async fn child_handoff(lean: bool) -> Result<()> {
         let mut socket: std::net::TcpStream = handle.try_into()?;
         let written = if lean { socket.write(REPLY.as_bytes()).unwrap_or(0) } else { 0 };
         if written == REPLY.len() {
-            let _ = socket.shutdown(std::net::Shutdown::Write);
+            drop(socket); // as the bare child: the last reference (the parent's went with the ACK) sends the FIN
         } else {
             socket.set_nonblocking(true)?;
             let mut socket = tokio::net::TcpStream::from_std(socket)?;

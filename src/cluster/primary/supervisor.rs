@@ -24,7 +24,7 @@ use super::{
     Status, WorkerOutput, WorkerStatus,
 };
 use crate::channel::{ChannelConfig, Sender};
-use crate::cluster::protocol::{self, Act, Ack, ActKey, FromWorker, Query, QueryReply, Sockname, CLUSTER};
+use crate::cluster::protocol::{self, newconn, Act, Ack, FromWorker, Query, QueryReply, Sockname, CLUSTER};
 
 /// Quick failures in a row after which a slot is reported as crash-looping.
 const CRASH_LOOP: u32 = 5;
@@ -1182,8 +1182,7 @@ impl Supervisor {
         let seq = self.next_seq();
         let Some(worker) = self.workers.get_mut(&id) else { return Err(conn) };
         let Some(key) = worker.servers.get(&conn.listener) else { return Err(conn) };
-        let message = ActKey { cmd: CLUSTER, act: "newconn", key, seq };
-        match worker.sender.try_queue_protocol_handle(&message, conn.accepted.clone()) {
+        match worker.sender.try_queue_encoded_protocol_handle(newconn(key, seq), conn.accepted.clone()) {
             // The delivery (the channel's acknowledgement) is not waited for: the worker's
             // `accepted` is what counts, and the channel closing is seen by its reader.
             Ok(delivery) => {
