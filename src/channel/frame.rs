@@ -756,6 +756,8 @@ fn encode_json_into<T: serde::Serialize + ?Sized>(
     static RAW_VALUE: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
         std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"$serde_json::private::RawValue"));
     buf.clear();
+    // As `sonic_rs::to_vec` does: a small message then fits without growing the buffer.
+    buf.reserve(128);
     if sonic_rs::to_writer(&mut buf, message).is_ok() {
         // A raw value (sonic-rs's own) is written verbatim and may hold a newline, which would
         // end the line early and kill a Node peer; JSON strings never hold a raw one.

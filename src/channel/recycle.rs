@@ -20,8 +20,9 @@ use std::sync::Mutex;
 
 /// Smallest buffer worth keeping.
 pub(crate) const RECYCLE_MIN: usize = 1024 * 1024;
-/// Most buffers kept per direction: one being written or filled, one ready.
-const KEEP: usize = 2;
+/// Most buffers kept per direction. One is enough: while message N is queued (or held by the
+/// program), N+1 is built in N-1's buffer.
+const KEEP: usize = 1;
 /// Small frames in a row after which the kept buffers are dropped.
 const IDLE_DROP: usize = 64;
 
@@ -107,19 +108,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn keeps_at_most_two_large_buffers_and_drops_them_when_large_frames_stop() {
+    fn keeps_the_largest_buffer_and_drops_it_when_large_frames_stop() {
         let r = Recycler::default();
         r.give(Vec::with_capacity(1000)); // small: not kept
         assert_eq!(r.held(), 0);
         for mib in [1, 2, 3] {
             r.give(Vec::with_capacity(mib << 20));
         }
-        assert_eq!(r.held(), (2 << 20) + (3 << 20), "the two largest");
-        assert_eq!(r.take().map(|b| b.capacity()), Some(3 << 20));
+        assert_eq!(r.held(), 3 << 20, "the largest");
+        r.give(Vec::with_capacity(2 << 20));
+        assert_eq!(r.held(), 3 << 20, "not replaced by a smaller one");
+        r.large_frame();
         for _ in 0..IDLE_DROP - 1 {
             r.small_frame();
         }
-        assert_eq!(r.held(), 2 << 20);
+        assert_eq!(r.held(), 3 << 20);
         r.small_frame();
         assert_eq!(r.held(), 0);
         assert!(r.take().is_none());
