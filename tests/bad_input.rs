@@ -645,6 +645,11 @@ fn regular_file_or_tty_is_never_sent() {
                 std::fs::File::open("/dev/null").ok().map(OwnedFd::from)
             }),
         ];
+        // A netlink socket whose protocol number is TCP's (NETLINK_XFRM = 6): not a TCP socket.
+        victims.push(("netlink socket of protocol 6", || {
+            let six = rustix::net::Protocol::from_raw(rustix::net::RawProtocol::new(6).unwrap());
+            rustix::net::socket(rustix::net::AddressFamily::NETLINK, rustix::net::SocketType::RAW, Some(six)).ok()
+        }));
         // A terminal, if this machine lets us open one.
         victims.push(("tty", || {
             std::fs::OpenOptions::new()

@@ -516,6 +516,38 @@ fn a_full_descriptor_table_does_not_forget_received_sockets() {
     });
 }
 
+/// A write that finds the socket full while no descriptor is free (waiting for room needs a
+/// duplicate of the socket registered for writability) still completes, on a timer, once the
+/// peer reads: the channel is not closed.
+#[test]
+fn a_blocked_write_with_the_descriptor_table_full_still_completes() {
+    run(async {
+        let (a, mut b) = Channel::pair().unwrap();
+        let big = "x".repeat(1 << 20);
+        let old = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+        let open_now = util::open_fds().len() as u64;
+        let limit = rustix::process::Rlimit { current: Some(open_now + 64), maximum: old.maximum };
+        let restore = RestoreNofile(old);
+        rustix::process::setrlimit(rustix::process::Resource::Nofile, limit).unwrap();
+        let mut fillers = Vec::new();
+        while let Ok(file) = std::fs::File::open("/dev/null") {
+            fillers.push(file);
+        }
+        // More than the socket buffers hold: the driver's write blocks while the table is full.
+        for _ in 0..4 {
+            a.send(&big).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for _ in 0..4 {
+            let message = util::within("a large message", b.recv()).await.unwrap().unwrap();
+            assert_eq!(message.json().len(), big.len() + 2);
+        }
+        util::within("flush", a.flush()).await.unwrap();
+        drop(fillers);
+        drop(restore);
+    });
+}
+
 // ---------------------------------------------------------------------------------------------
 // 7. Unwrapping retransmission envelopes is bounded
 // ---------------------------------------------------------------------------------------------

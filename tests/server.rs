@@ -416,3 +416,35 @@ fn connections_are_registered_only_when_used_here() {
         assert_eq!(&served.join().unwrap(), b"here");
     })
 }
+
+/// A connection first used outside a tokio runtime (it is registered on first use) fails with an
+/// error; it does not panic, and the connection is kept.
+#[test]
+fn a_connection_used_outside_a_runtime_fails_cleanly() {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let (connection, client) = runtime.block_on(async {
+        let server = local_server().await;
+        let client = TcpStream::connect(server.local_addr().unwrap()).unwrap();
+        (server.accept().await.unwrap(), client)
+    });
+    let (result, mut connection) = std::thread::spawn(move || {
+        let mut connection = connection;
+        let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+        let mut bytes = [0u8; 4];
+        let mut buf = tokio::io::ReadBuf::new(&mut bytes);
+        let polled = tokio::io::AsyncRead::poll_read(std::pin::Pin::new(&mut connection), &mut context, &mut buf);
+        (format!("{polled:?}"), connection)
+    })
+    .join()
+    .expect("no panic");
+    assert!(result.contains("tokio runtime"), "{result}");
+    // Back inside the runtime, the same connection works.
+    runtime.block_on(async {
+        use tokio::io::AsyncWriteExt;
+        connection.write_all(b"pong").await.unwrap();
+    });
+    let mut client = client;
+    let mut buf = [0u8; 4];
+    client.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"pong");
+}

@@ -333,10 +333,7 @@ impl Driver {
             } else if !self.socket.is_write_blocked() {
                 // Not blocked, yet something is left: only possible if a write was cut short
                 // without EAGAIN; wait for room the safe way.
-                if let Err(e) = self.socket.write_blocked() {
-                    self.report(RecvError::Io(e));
-                    break;
-                }
+                self.socket.write_blocked();
             }
             let may_read = self.may_read();
             // Not reading for want of room in the receive queue: wake when the user takes some.
@@ -476,7 +473,7 @@ impl Driver {
         let result = sys::send_with_fds(socket.fd(), bufs, fds);
         if let Err(e) = &result {
             if e.kind() == io::ErrorKind::WouldBlock && !lingering {
-                socket.write_blocked()?;
+                socket.write_blocked();
             }
         }
         result
@@ -921,6 +918,8 @@ impl Driver {
 
     fn deliver(&mut self, mut message: Message) {
         if message.json.capacity() >= super::recycle::RECYCLE_MIN {
+            // Grown by doubling: keep only what the frame uses (no copy for a large buffer).
+            message.json.shrink_to_fit();
             message.recycle = Some(self.shared.recv_spares.clone());
         }
         if let Some(handle) = &message.handle {

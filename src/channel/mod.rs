@@ -580,8 +580,8 @@ impl Channel {
             replies: Default::default(),
             user_senders: AtomicUsize::new(1),
             peer: std::sync::OnceLock::new(),
-            send_spares: Default::default(),
-            recv_spares: Default::default(),
+            send_spares: recycle::Recycler::new(recycle::limit(config.max_frame_len)),
+            recv_spares: Arc::new(recycle::Recycler::new(recycle::limit(config.max_frame_len))),
         });
         let (commands, command_rx) = mpsc::unbounded_channel();
         let (message_tx, messages) = mpsc::unbounded_channel();
@@ -861,7 +861,7 @@ impl Sender {
         let bytes = envelope::encode_handle(&msg, &wire);
         let (done, outcome) = oneshot::channel();
         let pending = driver::PendingHandle::new(wire.held, done, slot);
-        let permits = (bytes.capacity() + FRAME_OVERHEAD).min(self.shared.send_buffer) as u32;
+        let permits = (bytes.len() + FRAME_OVERHEAD).min(self.shared.send_buffer) as u32;
         let Ok(permit) = self.shared.send_budget.try_acquire_many(permits) else {
             let handle = H::give_back(pending.into_value());
             return Err(SendHandleError { error: SendError::Busy, handle });
@@ -899,9 +899,12 @@ impl Sender {
     /// [`recycle`]); a small message found one is copied out of it, and the buffer kept.
     fn encode_reusing<T: Serialize + ?Sized>(&self, message: &T) -> Result<Vec<u8>, SendError> {
         let spares = &self.shared.send_spares;
-        let bytes = frame::encode_into(message, spares.take().unwrap_or_default()).map_err(SendError::Serialize)?;
+        let mut bytes = frame::encode_into(message, spares.take().unwrap_or_default()).map_err(SendError::Serialize)?;
         if bytes.len() >= recycle::RECYCLE_MIN {
             spares.large_frame();
+            // The encoder reserves up to six times a string's length for escapes: give back what
+            // was not written (no copy for a large buffer), so that what is kept is what is used.
+            bytes.shrink_to_fit();
             Ok(bytes)
         } else if bytes.capacity() >= recycle::RECYCLE_MIN {
             let small = bytes.as_slice().to_vec();
@@ -931,7 +934,7 @@ impl Sender {
         if !self.is_connected() {
             return Err(closed(handle));
         }
-        let permits = (bytes.capacity() + FRAME_OVERHEAD).min(self.shared.send_buffer) as u32;
+        let permits = (bytes.len() + FRAME_OVERHEAD).min(self.shared.send_buffer) as u32;
         // Fast path without an await point; the permits travel with the frame as a count (no
         // Arc clone per message) and the driver adds them back once the frame is written.
         let acquired = match self.shared.send_budget.try_acquire_many(permits) {

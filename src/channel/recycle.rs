@@ -9,9 +9,11 @@
 //!
 //! # Bounds
 //! Each direction of a channel keeps at most [`KEEP`] buffers, each of at least
-//! [`RECYCLE_MIN`] bytes and at most the largest frame of that direction (on the receive side, at
-//! most [`ChannelConfig::max_frame_len`](super::ChannelConfig::max_frame_len)). They are dropped
-//! after [`IDLE_DROP`] smaller frames in a row, and with the channel.
+//! [`RECYCLE_MIN`] bytes, together at most twice the channel's
+//! [`ChannelConfig::max_frame_len`](super::ChannelConfig::max_frame_len) (128 MiB by default).
+//! Large frames are trimmed to their length before they are kept (a received one is at most
+//! `max_frame_len`). They are dropped after [`IDLE_DROP`] smaller frames in a row, and with the
+//! channel.
 //!
 //! Nothing here costs a small message more than one atomic load while no buffer is kept.
 
@@ -20,16 +22,24 @@ use std::sync::Mutex;
 
 /// Smallest buffer worth keeping.
 pub(crate) const RECYCLE_MIN: usize = 1024 * 1024;
-/// Most buffers kept per direction. One is enough: while message N is queued (or held by the
-/// program), N+1 is built in N-1's buffer.
-const KEEP: usize = 1;
+/// Most buffers kept per direction: while message N is still queued (or held by the program),
+/// N+1 is built in the buffer of N-1, and N's comes back for N+2.
+const KEEP: usize = 2;
+/// The most bytes kept per direction for a channel whose frames are at most `max_frame_len`:
+/// two buffers of that size.
+pub(crate) fn limit(max_frame_len: usize) -> usize {
+    KEEP.saturating_mul(max_frame_len)
+}
+
 /// Small frames in a row after which the kept buffers are dropped.
 const IDLE_DROP: usize = 64;
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Recycler {
     /// How many buffers `spares` holds: read without the lock on every frame.
     kept: AtomicUsize,
+    /// Most bytes (capacity) kept in all.
+    limit: usize,
     inner: Mutex<Inner>,
 }
 
@@ -41,23 +51,27 @@ struct Inner {
 }
 
 impl Recycler {
+    /// Keeps at most `limit` bytes of buffers.
+    pub(crate) fn new(limit: usize) -> Recycler {
+        Recycler { kept: AtomicUsize::new(0), limit, inner: Mutex::default() }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Keeps `buffer` (emptied) for a later large frame, if it is large.
     pub(crate) fn give(&self, mut buffer: Vec<u8>) {
-        if buffer.capacity() < RECYCLE_MIN {
+        if buffer.capacity() < RECYCLE_MIN || buffer.capacity() > self.limit {
             return;
         }
         buffer.clear();
         let mut inner = self.lock();
-        if inner.spares.len() < KEEP {
-            inner.spares.push(buffer);
-        } else if let Some(smallest) = inner.spares.iter_mut().min_by_key(|b| b.capacity()) {
-            if smallest.capacity() < buffer.capacity() {
-                *smallest = buffer;
-            }
+        inner.spares.push(buffer);
+        // Over the count or the bytes: the smallest go first.
+        inner.spares.sort_unstable_by_key(|b| std::cmp::Reverse(b.capacity()));
+        while inner.spares.len() > KEEP || inner.spares.iter().map(Vec::capacity).sum::<usize>() > self.limit {
+            inner.spares.pop();
         }
         self.kept.store(inner.spares.len(), Ordering::Relaxed);
     }
@@ -108,21 +122,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn keeps_the_largest_buffer_and_drops_it_when_large_frames_stop() {
-        let r = Recycler::default();
+    fn keeps_the_largest_buffers_within_the_limit_and_drops_them_when_large_frames_stop() {
+        let r = Recycler::new(6 << 20);
         r.give(Vec::with_capacity(1000)); // small: not kept
         assert_eq!(r.held(), 0);
         for mib in [1, 2, 3] {
             r.give(Vec::with_capacity(mib << 20));
         }
-        assert_eq!(r.held(), 3 << 20, "the largest");
-        r.give(Vec::with_capacity(2 << 20));
-        assert_eq!(r.held(), 3 << 20, "not replaced by a smaller one");
+        assert_eq!(r.held(), (3 << 20) + (2 << 20), "the two largest");
+        r.give(Vec::with_capacity(4 << 20));
+        assert_eq!(r.held(), 4 << 20, "within the limit: 4 + 3 MiB would be over 6");
+        r.give(Vec::with_capacity(7 << 20));
+        assert_eq!(r.held(), 4 << 20, "larger than the limit: not kept");
         r.large_frame();
         for _ in 0..IDLE_DROP - 1 {
             r.small_frame();
         }
-        assert_eq!(r.held(), 3 << 20);
+        assert_eq!(r.held(), 4 << 20);
         r.small_frame();
         assert_eq!(r.held(), 0);
         assert!(r.take().is_none());

@@ -14,28 +14,45 @@
 //! # Descriptor lifetime
 //! The socket owns the descriptor; the write registration owns a duplicate of it (one more entry
 //! in the descriptor table while a write waits, closed with the registration). Both are closed
-//! when the socket is dropped.
+//! when the socket is dropped. With the descriptor table full (or the reactor out of memory) no
+//! duplicate can be registered: the write is then retried every [`RETRY`] until one can be, so a
+//! process out of descriptors keeps its channel.
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use std::time::Duration;
 
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
 use crate::sys;
 
+/// How often a blocked write is retried when no duplicate could be registered.
+const RETRY: Duration = Duration::from_millis(2);
+
 #[derive(Debug)]
 pub(crate) struct ChannelSocket {
     /// The socket, registered for `READABLE` only.
     read: AsyncFd<OwnedFd>,
-    /// A duplicate registered for `WRITABLE`, present while a write waits for room.
-    write: Option<AsyncFd<OwnedFd>>,
+    /// How a blocked write waits for room.
+    write: WriteWait,
+}
+
+#[derive(Debug)]
+enum WriteWait {
+    /// Nothing waits.
+    Idle,
+    /// A duplicate registered for `WRITABLE`.
+    Registered(AsyncFd<OwnedFd>),
+    /// No duplicate could be made or registered: retry on a timer.
+    Polling,
 }
 
 impl ChannelSocket {
     /// Registers `fd` (non-blocking) with the current runtime for reading.
     pub(crate) fn new(fd: OwnedFd) -> io::Result<ChannelSocket> {
-        Ok(ChannelSocket { read: sys::register(fd, Interest::READABLE)?, write: None })
+        Ok(ChannelSocket { read: sys::register(fd, Interest::READABLE)?, write: WriteWait::Idle })
     }
 
     pub(crate) fn fd(&self) -> BorrowedFd<'_> {
@@ -57,23 +74,30 @@ impl ChannelSocket {
 
     /// A write found the socket's buffer full: register for writability (once) so that
     /// [`writable`](Self::writable) can wait. Registering reports the current state, so room
-    /// that appeared since the write is not missed.
-    pub(crate) fn write_blocked(&mut self) -> io::Result<()> {
-        if self.write.is_none() {
-            let dup = self.read.get_ref().try_clone()?;
-            self.write = Some(sys::register(dup, Interest::WRITABLE)?);
+    /// that appeared since the write is not missed. If no duplicate can be registered now, the
+    /// wait is a short timer instead (and registering is tried again at the next block).
+    pub(crate) fn write_blocked(&mut self) {
+        if matches!(self.write, WriteWait::Registered(_)) {
+            return;
         }
-        Ok(())
+        let registered = self.read.get_ref().try_clone().and_then(|dup| sys::register(dup, Interest::WRITABLE));
+        self.write = match registered {
+            Ok(registration) => WriteWait::Registered(registration),
+            Err(error) => {
+                tracing::debug!(%error, "handoff channel: cannot watch for room to write; retrying on a timer");
+                WriteWait::Polling
+            }
+        };
     }
 
     /// Nothing waits to be written: stop being woken when the peer reads.
     pub(crate) fn write_idle(&mut self) {
-        self.write = None;
+        self.write = WriteWait::Idle;
     }
 
     /// Whether a write is waiting for room.
     pub(crate) fn is_write_blocked(&self) -> bool {
-        self.write.is_some()
+        !matches!(self.write, WriteWait::Idle)
     }
 
     /// Waits until the socket may take more bytes, after [`write_blocked`](Self::write_blocked).
@@ -82,11 +106,15 @@ impl ChannelSocket {
     /// Cancel safe: readiness is cleared only once it was seen.
     pub(crate) async fn writable(&self) -> io::Result<()> {
         match &self.write {
-            Some(write) => {
+            WriteWait::Registered(write) => {
                 write.writable().await?.clear_ready();
                 Ok(())
             }
-            None => std::future::pending().await,
+            WriteWait::Polling => {
+                tokio::time::sleep(RETRY).await;
+                Ok(())
+            }
+            WriteWait::Idle => std::future::pending().await,
         }
     }
 }

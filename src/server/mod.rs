@@ -405,9 +405,15 @@ enum Socket {
 
 impl Socket {
     /// Registers the socket with tokio (once). Registers a duplicate and then closes the
-    /// original, so that a failure leaves the connection as it was.
+    /// original, so that a failure leaves the connection as it was: with the descriptor table
+    /// full, the first use fails with `EMFILE` and can be retried.
     fn stream(&mut self) -> io::Result<&mut Stream> {
         if let Socket::Accepted { fd, kind } = self {
+            if tokio::runtime::Handle::try_current().is_err() {
+                return Err(io::Error::other(
+                    "a connection is registered with tokio when first used: use it inside a tokio runtime",
+                ));
+            }
             let fd = fd.try_clone()?;
             let stream = if *kind == FdKind::UnixStream {
                 Stream::Unix(UnixStream::from_std(std::os::unix::net::UnixStream::from(fd))?)
@@ -445,8 +451,9 @@ impl Connection {
     pub fn key(&self) -> &str {
         self.guard.as_ref().map_or("", |g| g.0.key.as_str())
     }
-    /// The socket, registered with tokio on first use. Fails only if registering does (no
-    /// runtime, or the reactor is out of memory).
+    /// The socket, registered with tokio on first use. Fails only if registering does: outside
+    /// a tokio runtime, with the descriptor table full (`EMFILE`: registering needs one more for a
+    /// moment; the connection is kept, try again), or with the reactor out of memory.
     pub fn stream_mut(&mut self) -> io::Result<&mut Stream> {
         self.socket.stream()
     }

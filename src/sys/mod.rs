@@ -145,29 +145,11 @@ impl FdKind {
     }
 }
 
-/// Asks the kernel what `fd` is. A TCP socket, the one on the hot path, takes two system calls:
-/// `SO_PROTOCOL` (TCP implies an `AF_INET`/`AF_INET6` stream socket) and `SO_ACCEPTCONN`. Other
-/// sockets add `SO_DOMAIN` and `SO_TYPE`; anything else (`ENOTSOCK`) is `fstat`ed.
+/// Asks the kernel what `fd` is: `SO_DOMAIN`, `SO_TYPE` and `SO_ACCEPTCONN` for a socket, `fstat`
+/// for anything else (`ENOTSOCK`). (`SO_PROTOCOL` alone would not do: a netlink or CAN socket can
+/// report protocol 6, TCP's number.)
 pub(crate) fn classify(fd: BorrowedFd<'_>) -> io::Result<FdKind> {
     use rustix::fs::FileType;
-    let protocol = match rustix::net::sockopt::socket_protocol(fd) {
-        Ok(protocol) => protocol,
-        Err(rustix::io::Errno::NOTSOCK) => {
-            let stat = rustix::fs::fstat(fd)?;
-            return Ok(match FileType::from_raw_mode(stat.st_mode) {
-                FileType::Fifo => FdKind::Fifo,
-                _ => FdKind::Other,
-            });
-        }
-        Err(e) => return Err(e.into()),
-    };
-    if protocol == Some(rustix::net::ipproto::TCP) {
-        return Ok(if rustix::net::sockopt::socket_acceptconn(fd)? {
-            FdKind::TcpListener
-        } else {
-            FdKind::TcpStream
-        });
-    }
     let domain = match rustix::net::sockopt::socket_domain(fd) {
         Ok(domain) => domain,
         Err(rustix::io::Errno::NOTSOCK) => {
