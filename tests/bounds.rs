@@ -548,6 +548,36 @@ fn a_blocked_write_with_the_descriptor_table_full_still_completes() {
     });
 }
 
+/// After a large message, later ones are encoded in its kept buffer: each is still charged what
+/// it uses against `send_buffer`, not the buffer's capacity (the encoder reserves six times a
+/// string's length), so a slow peer still lets the budget's worth of messages queue.
+#[test]
+fn a_kept_buffer_does_not_inflate_what_a_send_is_charged() {
+    run(async {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let a = Channel::with_config(OwnedFd::from(ours), ChannelConfig::default().send_buffer(16 << 20)).unwrap();
+        let huge = "x".repeat(16 << 20);
+        let total = huge.len() + 3;
+        let reader = std::thread::spawn(move || {
+            let mut theirs = theirs;
+            let mut buf = vec![0u8; total];
+            theirs.read_exact(&mut buf).unwrap();
+            theirs
+        });
+        a.send(huge.as_str()).await.unwrap();
+        a.flush().await.unwrap();
+        let _theirs = reader.join().unwrap(); // open, never read again
+        // About 1.2 MB of JSON each: six fit in 16 MiB.
+        let medium = vec![1u8; 600_000];
+        for i in 0..6 {
+            tokio::time::timeout(Duration::from_secs(2), a.send(&medium))
+                .await
+                .unwrap_or_else(|_| panic!("message {i} waited for room in a 16 MiB budget"))
+                .unwrap();
+        }
+    });
+}
+
 // ---------------------------------------------------------------------------------------------
 // 7. Unwrapping retransmission envelopes is bounded
 // ---------------------------------------------------------------------------------------------

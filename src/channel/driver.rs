@@ -918,8 +918,6 @@ impl Driver {
 
     fn deliver(&mut self, mut message: Message) {
         if message.json.capacity() >= super::recycle::RECYCLE_MIN {
-            // Grown by doubling: keep only what the frame uses (no copy for a large buffer).
-            message.json.shrink_to_fit();
             message.recycle = Some(self.shared.recv_spares.clone());
         }
         if let Some(handle) = &message.handle {

@@ -861,7 +861,7 @@ impl Sender {
         let bytes = envelope::encode_handle(&msg, &wire);
         let (done, outcome) = oneshot::channel();
         let pending = driver::PendingHandle::new(wire.held, done, slot);
-        let permits = (bytes.len() + FRAME_OVERHEAD).min(self.shared.send_buffer) as u32;
+        let permits = (bytes.capacity() + FRAME_OVERHEAD).min(self.shared.send_buffer) as u32;
         let Ok(permit) = self.shared.send_budget.try_acquire_many(permits) else {
             let handle = H::give_back(pending.into_value());
             return Err(SendHandleError { error: SendError::Busy, handle });
@@ -903,7 +903,8 @@ impl Sender {
         if bytes.len() >= recycle::RECYCLE_MIN {
             spares.large_frame();
             // The encoder reserves up to six times a string's length for escapes: give back what
-            // was not written (no copy for a large buffer), so that what is kept is what is used.
+            // was not written (no copy for a large buffer), so that what is kept, and what the
+            // send budget is charged, is what is used.
             bytes.shrink_to_fit();
             Ok(bytes)
         } else if bytes.capacity() >= recycle::RECYCLE_MIN {
@@ -934,7 +935,7 @@ impl Sender {
         if !self.is_connected() {
             return Err(closed(handle));
         }
-        let permits = (bytes.len() + FRAME_OVERHEAD).min(self.shared.send_buffer) as u32;
+        let permits = (bytes.capacity() + FRAME_OVERHEAD).min(self.shared.send_buffer) as u32;
         // Fast path without an await point; the permits travel with the frame as a count (no
         // Arc clone per message) and the driver adds them back once the frame is written.
         let acquired = match self.shared.send_budget.try_acquire_many(permits) {
