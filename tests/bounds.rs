@@ -152,6 +152,21 @@ fn filler_fds(n: usize) -> Vec<OwnedFd> {
     (0..n).map(|_| OwnedFd::from(std::fs::File::open("/dev/null").unwrap())).collect()
 }
 
+/// Lowers the soft descriptor limit to a little above what is open and opens `/dev/null` until
+/// no descriptor is left; dropping the two gives the table back.
+fn fill_descriptor_table() -> (RestoreNofile, Vec<std::fs::File>) {
+    let old = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    let open_now = util::open_fds().len() as u64;
+    let limit = rustix::process::Rlimit { current: Some(open_now + 64), maximum: old.maximum };
+    let restore = RestoreNofile(old);
+    rustix::process::setrlimit(rustix::process::Resource::Nofile, limit).unwrap();
+    let mut fillers = Vec::new();
+    while let Ok(file) = std::fs::File::open("/dev/null") {
+        fillers.push(file);
+    }
+    (restore, fillers)
+}
+
 /// Raises the soft descriptor limit to at least `want` (up to the hard limit); returns the old
 /// limit to restore.
 fn raise_nofile(want: u64) -> RestoreNofile {
@@ -490,15 +505,7 @@ fn a_full_descriptor_table_does_not_forget_received_sockets() {
         let (held, watches) = receive_keyed_sockets(&mut chan, &mut peer, key, 5).await;
 
         // Fill the table: no descriptor can be opened any more.
-        let old = rustix::process::getrlimit(rustix::process::Resource::Nofile);
-        let open_now = util::open_fds().len() as u64;
-        let limit = rustix::process::Rlimit { current: Some(open_now + 64), maximum: old.maximum };
-        let restore = RestoreNofile(old);
-        rustix::process::setrlimit(rustix::process::Resource::Nofile, limit).unwrap();
-        let mut fillers = Vec::new();
-        while let Ok(file) = std::fs::File::open("/dev/null") {
-            fillers.push(file);
-        }
+        let (restore, fillers) = fill_descriptor_table();
         assert!(std::fs::File::open("/dev/null").is_err());
 
         assert_eq!(count_reply(&mut peer, key).await, 5, "counted with the table full");
@@ -524,15 +531,7 @@ fn a_blocked_write_with_the_descriptor_table_full_still_completes() {
     run(async {
         let (a, mut b) = Channel::pair().unwrap();
         let big = "x".repeat(1 << 20);
-        let old = rustix::process::getrlimit(rustix::process::Resource::Nofile);
-        let open_now = util::open_fds().len() as u64;
-        let limit = rustix::process::Rlimit { current: Some(open_now + 64), maximum: old.maximum };
-        let restore = RestoreNofile(old);
-        rustix::process::setrlimit(rustix::process::Resource::Nofile, limit).unwrap();
-        let mut fillers = Vec::new();
-        while let Ok(file) = std::fs::File::open("/dev/null") {
-            fillers.push(file);
-        }
+        let (restore, fillers) = fill_descriptor_table();
         // More than the socket buffers hold: the driver's write blocks while the table is full.
         for _ in 0..4 {
             a.send(&big).await.unwrap();
