@@ -79,27 +79,35 @@ impl Scenario for Cluster {
         metrics
     }
     fn run(&self, ctx: &Ctx, variant: &str) -> Result<Sample> {
-        let (mut server, addr, pids) = start_server(&format!("{}/{variant}", self.name()), &self.server(ctx, variant)?, &[])?;
-        if pids.len() != 3 {
-            bail!("expected a primary and two workers, got pids {pids:?}");
-        }
-        let cpu = |pids: &[u32]| -> Result<f64> { pids.iter().map(|&p| cpu_seconds(p)).sum() };
-        warm_up(ctx, &addr, &server)?;
-        let (primary0, all0, machine0) = (cpu(&pids[..1])?, cpu(&pids)?, machine_cpu()?);
-        let load = loadgen(ctx, &addr, Load::Secs(ctx.seed_secs), Duration::from_secs_f64(ctx.seed_secs + 60.0))
-            .with_context(|| format!("load{}", server.stderr_tail()))?;
-        let (primary1, all1, machine1) =
-            (cpu(&pids[..1])?, cpu(&pids).context("a server process died during the run")?, machine_cpu()?);
-        let ok = finish_load(&load, &mut server)?;
-        let mut sample = Sample::default();
-        sample
-            .set("conn_per_s", num(&load, "conn_per_s")?)
-            .set("primary_cpu_us_per_conn", (primary1 - primary0) * 1e6 / ok)
-            .set("cpu_us_per_conn", (all1 - all0) * 1e6 / ok)
-            .set("p99_us", num(&load, "p99_us")?)
-            .set("errors", num(&load, "errors")?)
-            .set("machine_busy", (machine1.0 - machine0.0) / (machine1.1 - machine0.1).max(1e-9));
-        sample.raw = json!({ "loadgen": load, "pids": pids });
-        Ok(sample)
+        measured_load(ctx, &format!("{}/{variant}", self.name()), &self.server(ctx, variant)?, 2)
     }
+}
+
+/// Starts a cluster (`argv`: a primary with `workers` workers), warms it up, runs the load
+/// generator for `ctx.seed_secs` and measures conn/s, the primary's and all processes' CPU per
+/// connection, latency, errors and how busy the machine was.
+pub fn measured_load(ctx: &Ctx, name: &str, argv: &[String], workers: usize) -> Result<Sample> {
+    let (mut server, addr, pids) = start_server(name, argv, &[])?;
+    if pids.len() != workers + 1 {
+        bail!("expected a primary and {workers} workers, got pids {pids:?}");
+    }
+    let cpu = |pids: &[u32]| -> Result<f64> { pids.iter().map(|&p| cpu_seconds(p)).sum() };
+    warm_up(ctx, &addr, &server)?;
+    let (primary0, all0, machine0) = (cpu(&pids[..1])?, cpu(&pids)?, machine_cpu()?);
+    let load = loadgen(ctx, &addr, Load::Secs(ctx.seed_secs), Duration::from_secs_f64(ctx.seed_secs + 60.0))
+        .with_context(|| format!("load{}", server.stderr_tail()))?;
+    let (primary1, all1, machine1) =
+        (cpu(&pids[..1])?, cpu(&pids).context("a server process died during the run")?, machine_cpu()?);
+    let ok = finish_load(&load, &mut server)?;
+    let mut sample = Sample::default();
+    sample
+        .set("conn_per_s", num(&load, "conn_per_s")?)
+        .set("primary_cpu_us_per_conn", (primary1 - primary0) * 1e6 / ok)
+        .set("cpu_us_per_conn", (all1 - all0) * 1e6 / ok)
+        .set("p50_us", num(&load, "p50_us")?)
+        .set("p99_us", num(&load, "p99_us")?)
+        .set("errors", num(&load, "errors")?)
+        .set("machine_busy", (machine1.0 - machine0.0) / (machine1.1 - machine0.1).max(1e-9));
+    sample.raw = json!({ "loadgen": load, "pids": pids });
+    Ok(sample)
 }

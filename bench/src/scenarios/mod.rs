@@ -2,7 +2,7 @@
 //! line in [`registry`].
 
 mod children;
-mod cluster;
+pub mod cluster;
 mod handles;
 mod memory;
 mod msg;

@@ -1,14 +1,11 @@
 //! `scale-workers`: the round-robin cluster with 1, 2, 4, 8 and 16 Rust workers, handoff's primary
 //! and the bare one in the same run.
 
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use serde_json::json;
 
-use super::super::{finish_load, loadgen, num, start_server, warm_up, Load};
+use super::super::cluster::measured_load;
 use crate::harness::{rust, with_child, Ctx, MetricSpec, Sample, Scenario, VariantSpec};
-use crate::procs::{cpu_seconds, machine_cpu};
 
 /// Worker counts of the sweep.
 pub const COUNTS: [usize; 5] = [1, 2, 4, 8, 16];
@@ -70,29 +67,8 @@ impl Scenario for Workers {
             ctx.role(&["cluster-primary", "--impl", imp, "--schedule", "rr", "--workers", workers]),
             ctx.role(&["cluster-worker", "--impl", imp]),
         );
-        let (mut server, addr, pids) = start_server(&format!("scale-workers/{variant}"), &argv, &[])?;
-        if pids.len() != count + 1 {
-            bail!("expected a primary and {count} workers, got pids {pids:?}");
-        }
-        let cpu = |pids: &[u32]| -> Result<f64> { pids.iter().map(|&p| cpu_seconds(p)).sum() };
-        warm_up(ctx, &addr, &server)?;
-        let (primary0, all0, machine0) = (cpu(&pids[..1])?, cpu(&pids)?, machine_cpu()?);
-        let load = loadgen(ctx, &addr, Load::Secs(ctx.seed_secs), Duration::from_secs_f64(ctx.seed_secs + 60.0))
-            .with_context(|| format!("load{}", server.stderr_tail()))?;
-        let (primary1, all1, machine1) =
-            (cpu(&pids[..1])?, cpu(&pids).context("a server process died during the run")?, machine_cpu()?);
-        let ok = finish_load(&load, &mut server)?;
-        let mut sample = Sample::default();
-        sample
-            .set("workers", count as f64)
-            .set("conn_per_s", num(&load, "conn_per_s")?)
-            .set("primary_cpu_us_per_conn", (primary1 - primary0) * 1e6 / ok)
-            .set("cpu_us_per_conn", (all1 - all0) * 1e6 / ok)
-            .set("p50_us", num(&load, "p50_us")?)
-            .set("p99_us", num(&load, "p99_us")?)
-            .set("errors", num(&load, "errors")?)
-            .set("machine_busy", (machine1.0 - machine0.0) / (machine1.1 - machine0.1).max(1e-9));
-        sample.raw = json!({ "loadgen": load, "pids": pids });
+        let mut sample = measured_load(ctx, &format!("scale-workers/{variant}"), &argv, count)?;
+        sample.set("workers", count as f64);
         Ok(sample)
     }
 }
